@@ -1,0 +1,120 @@
+"""One generation's perturbations, full-rank or low-rank, over a flat parameter vector.
+
+Both kinds expose the same three things the trainers need: ``len``, ``p[i]`` (member i's dense
+perturbation, so that member i is evaluated at ``center + p[i]``) and ``contract(w)`` =
+``sum_i w_i eps_i``, the weighted sum of the members' unit-variance directions ``eps_i``
+(``p[i] = sigma * eps_i``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .noise import NoiseLayout
+from .params import ParamSpec
+
+
+class FullRankPerturbations:
+    """Gaussian perturbations ``p[i] = sign_i * sigma * eps_{draw(i)}`` of every parameter."""
+
+    def __init__(
+        self, noise: torch.Tensor, sigma: float, draw_index: torch.Tensor, signs: torch.Tensor
+    ) -> None:
+        self.noise, self.sigma = noise, sigma
+        self.draw_index, self.signs = draw_index, signs
+
+    def __len__(self) -> int:
+        return self.draw_index.numel()
+
+    def __getitem__(self, i: int | torch.Tensor) -> torch.Tensor:
+        """Return member i's perturbation, or ``(len(i), numel)`` rows for a tensor of members."""
+        return self.noise[self.draw_index[i]] * (self.signs[i] * self.sigma).unsqueeze(-1)
+
+    def contract(self, weights: torch.Tensor) -> torch.Tensor:
+        """Return ``sum_i weights_i * eps_i`` in one matrix-vector product over the draws."""
+        return per_draw(weights, self.signs, self.noise.shape[0]) @ self.noise
+
+
+class LowRankPerturbations:
+    """EGGROLL perturbations: matrices get ``sign_i * sigma/sqrt(r) * A_j B_j^T``, others ``sigma e_j``.
+
+    ``A_j`` is ``(m, r)`` and ``B_j`` is ``(n, r)`` for an ``(m, n)`` matrix, both N(0, 1), so each
+    entry of ``A_j B_j^T / sqrt(r)`` has unit variance, like a full-rank Gaussian entry; vectors
+    (biases, norms) get full-rank noise unless frozen (``freeze_nonlora``).
+    """
+
+    def __init__(
+        self,
+        noise: torch.Tensor,
+        layout: NoiseLayout,
+        specs: tuple[ParamSpec, ...],
+        lowrank: frozenset[str],
+        frozen: frozenset[str],
+        rank: int,
+        sigma: float,
+        draw_index: torch.Tensor,
+        signs: torch.Tensor,
+        numel: int,
+    ) -> None:
+        self.noise, self.layout, self.specs = noise, layout, specs
+        self.lowrank, self.frozen, self.rank, self.sigma = lowrank, frozen, rank, sigma
+        self.draw_index, self.signs, self.numel = draw_index, signs, numel
+        self._where = {n: (o, s) for n, o, s in zip(layout.names, layout.offsets, layout.sizes)}
+
+    def __len__(self) -> int:
+        return self.draw_index.numel()
+
+    def _block(self, key: str) -> torch.Tensor:
+        offset, size = self._where[key]
+        return self.noise[:, offset : offset + size]
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the per-draw factors ``A (draws, m, r)`` and ``B (draws, n, r)`` of a matrix."""
+        m, n = next(s.shape for s in self.specs if s.name == name)
+        draws = self.noise.shape[0]
+        return (
+            self._block(name + ":A").view(draws, m, self.rank),
+            self._block(name + ":B").view(draws, n, self.rank),
+        )
+
+    def vector(self, name: str) -> torch.Tensor:
+        """Return the per-draw full-rank noise ``(draws, numel)`` of a non-matrix parameter."""
+        return self._block(name)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        out = torch.zeros(self.numel, dtype=self.noise.dtype, device=self.noise.device)
+        j, sign = self.draw_index[i], self.signs[i]
+        for s in self.specs:
+            if s.name in self.lowrank:
+                a, b = self.factors(s.name)
+                block = (a[j] @ b[j].T) * (sign * self.sigma / math.sqrt(self.rank))
+            elif s.name in self.frozen:
+                continue
+            else:
+                block = self.vector(s.name)[j] * (sign * self.sigma)
+            out[s.slice] = block.reshape(-1)
+        return out
+
+    def contract(self, weights: torch.Tensor) -> torch.Tensor:
+        """Return ``sum_i weights_i * eps_i``; each matrix's part is one ``(m, Nr) @ (Nr, n)`` product."""
+        w = per_draw(weights, self.signs, self.noise.shape[0])
+        out = torch.zeros(self.numel, dtype=self.noise.dtype, device=self.noise.device)
+        for s in self.specs:
+            if s.name in self.frozen:
+                continue
+            if s.name in self.lowrank:
+                a, b = self.factors(s.name)
+                m, n = s.shape
+                aw = (a * (w / math.sqrt(self.rank)).view(-1, 1, 1)).permute(1, 0, 2).reshape(m, -1)
+                torch.mm(aw, b.permute(0, 2, 1).reshape(-1, n), out=out[s.slice].view(m, n))
+            else:
+                torch.mv(self.vector(s.name).T, w, out=out[s.slice])
+        return out
+
+
+def per_draw(weights: torch.Tensor, signs: torch.Tensor, draws: int) -> torch.Tensor:
+    """Fold member weights onto their shared draws: ``w_j = sum_{i in draw j} sign_i * weights_i``."""
+    signed = weights * signs
+    return signed.view(draws, -1).sum(dim=1) if signed.numel() != draws else signed

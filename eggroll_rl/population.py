@@ -1,0 +1,236 @@
+"""The batched fitness protocol and the population forward it calls.
+
+A batched fitness receives a :class:`Population` once per generation. Calling the population with
+inputs shaped ``(len(pop), ..., in)`` runs member ``i``'s perturbed model on row ``i`` of the batch
+in one forward pass; a rollout calls it once per environment step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import World
+from .perturbations import LowRankPerturbations
+
+FitnessValues = torch.Tensor | Any
+
+
+class BatchedFitness:
+    """Base class of fitness functions that evaluate a whole :class:`Population` per call.
+
+    Subclasses implement ``__call__(population) -> fitness of shape (len(population),)`` and may
+    fill ``self.stats`` (``dict[str, float]``): the trainer merges it into the generation's stats
+    and history after each call. ``state_dict``/``load_state_dict`` are saved with the trainer.
+    """
+
+    stats: dict[str, float]
+
+    def __call__(self, population: Population) -> FitnessValues:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return what must survive a checkpoint (nothing by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class _FunctionFitness(BatchedFitness):
+    def __init__(self, fn: Callable[[Population], FitnessValues]) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn, self.stats = fn, {}
+
+    def __call__(self, population: Population) -> FitnessValues:
+        return self.fn(population)
+
+
+def batched_fitness(fn: Callable[[Population], FitnessValues]) -> BatchedFitness:
+    """Mark ``fn(population) -> fitness`` as a batched fitness (called once per generation)."""
+    return _FunctionFitness(fn)
+
+
+class Population:
+    """The members of one generation that this process evaluates, callable as one batched model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        indices: torch.Tensor,
+        size: int,
+        generation: int,
+        seed: int,
+        noise_reuse: int,
+        group_size: int,
+        world: World,
+    ) -> None:
+        self.model, self.indices, self.size = model, indices, size
+        self.generation, self.seed = generation, seed
+        self.noise_reuse, self.group_size, self.world = noise_reuse, group_size, world
+        self.device = indices.device
+
+    def __len__(self) -> int:
+        return self.indices.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self):
+            raise ValueError(
+                f"population input must have one row per member: expected leading dimension "
+                f"{len(self)}, got shape {tuple(x.shape)}"
+            )
+        with torch.no_grad():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over every process evaluating this population (identity in one process)."""
+        return self.world.reduce_sum(tensor)
+
+
+class FullRankPopulation(Population):
+    """Members with dense perturbations, run with ``vmap`` over ``functional_call``."""
+
+    def __init__(
+        self,
+        center: dict[str, torch.Tensor],
+        deltas: torch.Tensor,
+        views: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        deltas = views(deltas)
+        self.params = {k: center[k] + deltas[k] for k in center}
+        buffers = dict(self.model.named_buffers())
+
+        def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.model, (params, buffers), (x,))
+
+        self._batched = torch.func.vmap(one)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._batched(self.params, x)
+
+
+def check_lowrank_model(model: nn.Module) -> None:
+    """Raise if a module with trainable parameters is not one the low-rank forward implements."""
+    for name, mod in model.named_modules():
+        if any(p.requires_grad for p in mod.parameters(recurse=False)) and type(mod) not in (
+            nn.Linear,
+            nn.LayerNorm,
+        ):
+            raise TypeError(
+                f"EGGROLL's batched forward supports nn.Linear, nn.LayerNorm and parameter-free "
+                f"modules; module {name or '<root>'!r} ({type(mod).__name__}) has trainable "
+                f"parameters. Use a per-model fitness_fn, VanillaESTrainer, or freeze them."
+            )
+
+
+class LowRankPopulation(Population):
+    """EGGROLL members: each ``nn.Linear`` computes ``x W^T + b + (sigma/sqrt r)(x B_i) A_i^T + sigma e_i``.
+
+    Per-member weight matrices are never formed: the shared ``x W^T`` is one GEMM for the whole
+    batch and the low-rank term costs ``O(N r (m + n))``. The signed, scaled factors are prepared
+    once per generation so each forward only reads them.
+    """
+
+    def __init__(
+        self, perturbations: LowRankPerturbations, param_names: dict[nn.Parameter, str], **kw: Any
+    ) -> None:
+        super().__init__(**kw)
+        p = perturbations
+        draw = p.draw_index[self.indices]
+        sign = p.signs[self.indices]
+        self._forwards: list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] = []
+
+        def member_vector(param: nn.Parameter | None) -> torch.Tensor | None:
+            name = param_names.get(param) if param is not None else None
+            if name is None or name in p.frozen or name not in p._where:
+                return param
+            noise = p.vector(name).index_select(0, draw) * (sign * p.sigma).unsqueeze(1)
+            return noise.view(len(draw), *param.shape).add_(param)
+
+        for mod in self.model.modules():
+            if type(mod) is nn.Linear:
+                name = param_names.get(mod.weight)
+                factors = None
+                if name is not None and name in p.lowrank:
+                    a, b = p.factors(name)
+                    scale = (sign * p.sigma / math.sqrt(p.rank)).view(-1, 1, 1)
+                    a_t = (a.index_select(0, draw) * scale).transpose(1, 2).contiguous()
+                    factors = (a_t, b.index_select(0, draw))
+                self._forwards.append((mod, _linear(mod.weight, member_vector(mod.bias), factors)))
+            elif type(mod) is nn.LayerNorm and mod.elementwise_affine:
+                self._forwards.append(
+                    (mod, _layer_norm(mod, member_vector(mod.weight), member_vector(mod.bias)))
+                )
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        for mod, fwd in self._forwards:
+            mod.forward = fwd
+        try:
+            return self.model(x)
+        finally:
+            for mod, _ in self._forwards:
+                del mod.forward
+
+
+def _linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Build the batched forward of one Linear layer: shared GEMM plus per-member low-rank term."""
+    per_member_bias = bias is not None and bias.dim() == 2
+    a_t, b = factors if factors is not None else (None, None)
+    rank1 = a_t is not None and a_t.shape[1] == 1
+    a_vec = a_t.view(a_t.shape[0], -1) if rank1 else None
+    out_features = weight.shape[0]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if x.dim() == 2:
+            y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+            if rank1:
+                y.addcmul_(torch.bmm(x.unsqueeze(1), b).view(n, 1), a_vec)
+            elif a_t is not None:
+                y.unsqueeze(1).baddbmm_(torch.bmm(x.unsqueeze(1), b), a_t)
+            return y
+        x3 = x.reshape(n, -1, x.shape[-1])
+        y3 = torch.matmul(x3, weight.T)
+        if bias is not None:
+            y3 += bias.unsqueeze(1) if per_member_bias else bias
+        if a_t is not None:
+            y3.baddbmm_(torch.bmm(x3, b), a_t)
+        return y3.view(*x.shape[:-1], out_features)
+
+    return forward
+
+
+def _layer_norm(
+    mod: nn.LayerNorm, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Build the batched forward of one LayerNorm with per-member affine parameters."""
+    shape = tuple(mod.normalized_shape)
+
+    def member_view(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if t is None or t.dim() == len(shape):
+            return t
+        return t.view(t.shape[0], *([1] * (x.dim() - 1 - len(shape))), *shape)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, shape, None, None, mod.eps)
+        w, b = member_view(weight, x), member_view(bias, x)
+        if w is not None:
+            y = y * w
+        return y + b if b is not None else y
+
+    return forward
