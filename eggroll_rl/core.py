@@ -34,19 +34,12 @@ from .population import (
 from .shaping import Shaper, make_shaper
 
 Schedule = float | Callable[[int], float]
-OptimizerSpec = (
-    str | type[torch.optim.Optimizer] | Callable[[list[torch.Tensor]], torch.optim.Optimizer]
-)
+OptimizerSpec = str | type[torch.optim.Optimizer] | Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def _positive(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -214,9 +207,7 @@ class ESTrainer(ABC):
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Return everything needed to continue bit-exactly (loadable with weights_only=True)."""
-        fitness_state = (
-            self.fitness_fn.state_dict() if hasattr(self.fitness_fn, "state_dict") else {}
-        )
+        fitness_state = self.fitness_fn.state_dict() if hasattr(self.fitness_fn, "state_dict") else {}
         return {
             "trainer": type(self).__name__,
             "config": self._config(),
@@ -387,9 +378,7 @@ def _fitness_vector(value: Any, expected: int) -> torch.Tensor:
     if isinstance(value, list | tuple):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
-        if not np.issubdtype(value.dtype, np.number) or np.issubdtype(
-            value.dtype, np.complexfloating
-        ):
+        if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
             raise TypeError(f"batched fitness_fn must return real numbers, got dtype {value.dtype}")
         value = torch.from_numpy(value.astype(np.float64))
     if not isinstance(value, torch.Tensor):
@@ -412,9 +401,7 @@ def _finite_or_worst(fitness: torch.Tensor, generation: int) -> torch.Tensor:
     if bool(finite.all()):
         return fitness
     if not bool(finite.any()):
-        raise ValueError(
-            f"fitness_fn returned no finite fitness at generation {generation} (all NaN/inf)"
-        )
+        raise ValueError(f"fitness_fn returned no finite fitness at generation {generation} (all NaN/inf)")
     bad = int((~finite).sum())
     warnings.warn(
         f"{bad} non-finite fitness value(s) at generation {generation} counted as the worst",
@@ -531,10 +518,7 @@ class EGGROLLTrainer(_TableES):
         if self.batched:
             check_lowrank_model(model)
         norm_params = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, nn.LayerNorm)
-            for p in m.parameters(recurse=False)
+            id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)
         }
         named = dict(model.named_parameters())
         self.param_names = {named[s.name]: s.name for s in self._params.specs}
@@ -573,9 +557,7 @@ class EGGROLLTrainer(_TableES):
 
     def make_population(self, perturbations: Any, indices: torch.Tensor) -> Population:
         """Return the low-rank batched model of the members ``indices``."""
-        return LowRankPopulation(
-            perturbations, self.param_names, **self._population_kwargs(indices)
-        )
+        return LowRankPopulation(perturbations, self.param_names, **self._population_kwargs(indices))
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "rank": self.rank, "freeze_nonlora": self.freeze_nonlora}

@@ -41,14 +41,10 @@ class FlatParameters:
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
-            raise ValueError(
-                "model has no trainable parameters (requires_grad=True); nothing to train"
-            )
+            raise ValueError("model has no trainable parameters (requires_grad=True); nothing to train")
         dtypes = {p.dtype for _, p in named}
         if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
-            raise TypeError(
-                f"model parameters must share one floating dtype, got {sorted(map(str, dtypes))}"
-            )
+            raise TypeError(f"model parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
         specs, pos = [], 0
         for name, p in named:
             specs.append(ParamSpec(name, tuple(p.shape), pos))

@@ -46,8 +46,6 @@ def make_shaper(shaping: str | Shaper, group_size: int = 0) -> Shaper:
     if callable(shaping):
         return shaping
     if shaping not in SHAPERS:
-        raise ValueError(
-            f"fitness_shaping must be one of {sorted(SHAPERS)} or a callable, got {shaping!r}"
-        )
+        raise ValueError(f"fitness_shaping must be one of {sorted(SHAPERS)} or a callable, got {shaping!r}")
     fn = SHAPERS[shaping]
     return lambda fitness: fn(fitness, group_size)
