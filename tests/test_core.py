@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy import INPUTS, batched_regression, make_trainer, mlp, regression_fitness
 from torch import nn
 
 from eggroll_rl import EGGROLLTrainer, ESTrainer, VanillaESTrainer, batched_fitness
 from eggroll_rl.shaping import centered_rank, zscore
+
+from toy import INPUTS, batched_regression, make_trainer, mlp, regression_fitness
 
 TESTS = Path(__file__).parent
 
