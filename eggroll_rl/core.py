@@ -138,6 +138,10 @@ class ESTrainer(ABC):
             self._remember_best(perturbations[best], float(fitness[best]))
         update = self.compute_update(perturbations, fitness)
         self._apply(update)
+        # Per-rank fitness stats (env steps, episodes...) combined so every rank records the same.
+        fitness_stats = self.world.reduce_stats(
+            getattr(self.fitness_fn, "stats", None) or {}, getattr(self.fitness_fn, "stats_reduction", None)
+        )
         t3 = time.perf_counter()
         self.generation += 1
         stats = {
@@ -152,7 +156,7 @@ class ESTrainer(ABC):
             "time_sample": t1 - t0,
             "time_evaluate": t2 - t1,
             "time_update": t3 - t2,
-            **{k: float(v) for k, v in (getattr(self.fitness_fn, "stats", None) or {}).items()},
+            **fitness_stats,
         }
         self._record(stats)
         return stats
@@ -323,15 +327,23 @@ class ESTrainer(ABC):
     def _evaluate(self, perturbations: Any) -> torch.Tensor:
         part = self.world.member_slice(self.population_size)
         indices = torch.arange(part.start, part.stop, device=self.device)
-        if self.batched:
-            raw = self.fitness_fn(self.make_population(perturbations, indices))
-            local = _fitness_vector(raw, len(indices))
-        else:
-            local = torch.tensor(
-                [self._evaluate_member(perturbations[i]) for i in indices.tolist()],
-                dtype=torch.float64,
-            )
-        fitness = self.world.all_gather(local.to(self.device), self.population_size)
+        error: Exception | None = None
+        try:
+            if self.batched:
+                raw = self.fitness_fn(self.make_population(perturbations, indices))
+                local = _fitness_vector(raw, len(indices))
+            else:
+                local = torch.tensor(
+                    [self._evaluate_member(perturbations[i]) for i in indices.tolist()],
+                    dtype=torch.float64,
+                )
+        except Exception as exc:
+            if self.world.size == 1:
+                raise
+            # Tell the other ranks inside the fitness gather, so all of them stop with the same
+            # error instead of waiting for this rank until the collective times out.
+            error, local = exc, torch.zeros(len(indices), dtype=torch.float64)
+        fitness = self.world.all_gather(local.to(self.device), self.population_size, error=error)
         return _finite_or_worst(fitness, self.generation)
 
     def _evaluate_member(self, delta: torch.Tensor) -> float:

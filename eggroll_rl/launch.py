@@ -1,0 +1,210 @@
+"""Start K local processes that train one population together, without torchrun.
+
+``run_distributed(nproc, target, kwargs)`` spawns ``nproc`` processes, joins them into one gloo
+(CPU) or nccl (CUDA) process group and calls ``target(**kwargs)`` in each; it returns rank 0's
+result. If any rank raises or dies, the others are stopped within ``grace`` seconds and a
+:class:`~eggroll_rl.distributed.DistributedError` names the failed rank and its error (its
+traceback is attached as a note). ``target`` must be importable (a module-level function), and a
+script that calls this must guard its entry point with ``if __name__ == "__main__":`` (spawn
+re-imports it in every process).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .distributed import DEFAULT_TIMEOUT, DistributedError, World, _describe
+
+__all__ = ["launch", "run_distributed"]
+
+T = TypeVar("T")
+
+
+def run_distributed(
+    nproc: int,
+    target: Callable[..., T],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    backend: str = "auto",
+    timeout: timedelta | float | None = None,
+    threads: int | None = None,
+    grace: float = 10.0,
+) -> T:
+    """Run ``target(**kwargs)`` in ``nproc`` local processes of one process group; return rank 0's result.
+
+    ``threads``: torch threads per process (default: the machine's cores split evenly, at least 1).
+    ``timeout`` bounds each collective (see :meth:`World.init_from_env`). ``nproc == 1`` calls
+    ``target`` in this process, with no process group.
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    kwargs = dict(kwargs or {})
+    if nproc == 1:
+        return target(**kwargs)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+    timeout_s = (timeout if isinstance(timeout, timedelta) else DEFAULT_TIMEOUT).total_seconds()
+    if timeout is not None and not isinstance(timeout, timedelta):
+        timeout_s = float(timeout)
+    # The launcher hosts the rendezvous store on a port the OS picks: no free-port guessing, so
+    # concurrent launches (parallel tests) cannot collide. Workers connect as clients, as under
+    # torchrun's agent (TORCHELASTIC_USE_AGENT_STORE).
+    store = dist.TCPStore(
+        "127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+    )
+    ctx = mp.get_context("spawn")
+    results: Any = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(rank, nproc, store.port, target, kwargs, backend, timeout_s, threads, results),
+            name=f"eggroll-rank{rank}",
+            daemon=True,
+        )
+        for rank in range(nproc)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        reports = _supervise(procs, results, grace)
+    except BaseException:
+        _stop(procs)
+        raise
+    finally:
+        del store
+    return _outcome(procs, reports)
+
+
+def launch(fn: Callable[..., T], nproc: int, *args: Any, **options: Any) -> T:
+    """Run ``fn(*args)`` in ``nproc`` local processes (see :func:`run_distributed` for ``options``)."""
+    return run_distributed(nproc, _Call(fn, args), **options)
+
+
+class _Call:
+    """A picklable ``fn(*args)`` (a lambda or closure would not survive spawn)."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn, self.args = fn, args
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args)
+
+
+def _worker(
+    rank: int,
+    nproc: int,
+    port: int,
+    target: Callable[..., Any],
+    kwargs: dict[str, Any],
+    backend: str,
+    timeout_s: float,
+    threads: int,
+    results: Any,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+        OMP_NUM_THREADS=str(threads),
+    )
+    torch.set_num_threads(threads)
+    try:
+        World.init_from_env(backend, timeout_s)
+        result = target(**kwargs)
+        results.put((rank, "ok", result if rank == 0 else None, ""))
+    except BaseException as exc:
+        # A DistributedError that names another rank is a consequence; the launcher reports causes.
+        own = not isinstance(exc, DistributedError) or rank in exc.failures
+        message = exc.failures.get(rank, str(exc)) if isinstance(exc, DistributedError) else _describe(exc)
+        results.put((rank, "error" if own else "consequence", message, traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        os._exit(1)  # skip destroy_process_group: it may wait on the peer that failed
+    World.shutdown()
+
+
+def _supervise(procs: list[Any], results: Any, grace: float) -> dict[int, tuple[str, Any, str]]:
+    reports: dict[int, tuple[str, Any, str]] = {}
+    failed_at: float | None = None
+    while True:
+        try:
+            while True:
+                rank, kind, payload, tb = results.get(timeout=0.05)
+                reports[rank] = (kind, payload, tb)
+        except queue.Empty:
+            pass
+        if all(p.exitcode is not None for p in procs):
+            return reports
+        if failed_at is None and any(
+            (p.exitcode not in (None, 0)) or reports.get(r, ("ok",))[0] != "ok" for r, p in enumerate(procs)
+        ):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace:
+            # The survivors would stop at their next collective; do not wait for its timeout.
+            _stop(procs)
+
+
+def _stop(procs: list[Any]) -> None:
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    for p in procs:
+        p.join(5)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "did not finish"
+    if code < 0:
+        try:
+            return f"died from signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"died from signal {-code}"
+    return f"exited with code {code} without reporting an error"
+
+
+def _outcome(procs: list[Any], reports: dict[int, tuple[str, Any, str]]) -> Any:
+    causes: dict[int, str] = {}
+    notes: list[str] = []
+    for rank, p in enumerate(procs):
+        kind, payload, tb = reports.get(rank, ("missing", None, ""))
+        if kind == "error":
+            causes[rank] = payload
+            notes.append(f"--- rank {rank} traceback ---\n{tb.rstrip()}")
+        elif kind == "missing" and p.exitcode != 0 and p.exitcode != -signal.SIGTERM:
+            causes[rank] = _exit_reason(p.exitcode)
+    if not causes:
+        # Only consequences (or ranks we terminated): report what the survivors saw.
+        for rank, p in enumerate(procs):
+            kind, payload, tb = reports.get(rank, ("missing", None, ""))
+            if kind == "consequence":
+                causes[rank] = payload
+                notes.append(f"--- rank {rank} traceback ---\n{tb.rstrip()}")
+            elif kind == "missing" and p.exitcode != 0:
+                causes[rank] = _exit_reason(p.exitcode)
+    if causes:
+        error = DistributedError(causes)
+        for note in notes:
+            error.add_note(note)
+        raise error
+    if 0 not in reports:
+        raise DistributedError({0: "finished without returning a result"})
+    return reports[0][1]
