@@ -156,32 +156,34 @@ def _supervise(procs: list[Any], results: Any, grace: float) -> dict[int, tuple[
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace:
             # The survivors would stop at their next collective; do not wait for its timeout.
-            _stop(procs)
+            for r in _stop(procs):
+                reports.setdefault(r, ("stopped", None, ""))
 
 
-def _stop(procs: list[Any]) -> None:
-    for p in procs:
-        if p.exitcode is None:
-            p.terminate()
-    for p in procs:
-        p.join(5)
-        if p.exitcode is None:
-            p.kill()
-            p.join()
+def _stop(procs: list[Any]) -> list[int]:
+    """Terminate the processes still running; return their ranks."""
+    running = [r for r, p in enumerate(procs) if p.exitcode is None]
+    for r in running:
+        procs[r].terminate()
+    for r in running:
+        procs[r].join(5)
+        if procs[r].exitcode is None:
+            procs[r].kill()
+            procs[r].join()
+    return running
 
 
 def _exit_reason(code: int | None) -> str:
-    if code is None:
-        return "did not finish"
-    if code < 0:
+    if code is not None and code < 0:
         try:
             return f"died from signal {signal.Signals(-code).name}"
         except ValueError:
             return f"died from signal {-code}"
-    return f"exited with code {code} without reporting an error"
+    return f"died with exit code {code} without reporting an error"
 
 
 def _outcome(procs: list[Any], reports: dict[int, tuple[str, Any, str]]) -> Any:
+    """Return rank 0's result, or raise naming the ranks that caused the failure."""
     causes: dict[int, str] = {}
     notes: list[str] = []
     for rank, p in enumerate(procs):
@@ -189,17 +191,19 @@ def _outcome(procs: list[Any], reports: dict[int, tuple[str, Any, str]]) -> Any:
         if kind == "error":
             causes[rank] = payload
             notes.append(f"--- rank {rank} traceback ---\n{tb.rstrip()}")
-        elif kind == "missing" and p.exitcode != 0 and p.exitcode != -signal.SIGTERM:
+        elif kind == "consequence":
+            notes.append(f"rank {rank} then stopped with: {payload}")
+        elif kind == "missing" and p.exitcode != 0:
             causes[rank] = _exit_reason(p.exitcode)
     if not causes:
-        # Only consequences (or ranks we terminated): report what the survivors saw.
-        for rank, p in enumerate(procs):
-            kind, payload, tb = reports.get(rank, ("missing", None, ""))
-            if kind == "consequence":
-                causes[rank] = payload
-                notes.append(f"--- rank {rank} traceback ---\n{tb.rstrip()}")
-            elif kind == "missing" and p.exitcode != 0:
-                causes[rank] = _exit_reason(p.exitcode)
+        # Nobody raised or died: the ranks the launcher had to stop are the ones that hung.
+        causes = {
+            r: "stopped responding (terminated by the launcher)"
+            for r, rep in reports.items()
+            if rep[0] == "stopped"
+        }
+    if not causes and any(rep[0] == "consequence" for rep in reports.values()):
+        causes = {r: rep[1] for r, rep in reports.items() if rep[0] == "consequence"}
     if causes:
         error = DistributedError(causes)
         for note in notes:
