@@ -24,16 +24,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "World", "stat_reduction"]
+__all__ = ["DEFAULT_TIMEOUT", "REDUCTIONS", "DistributedError", "World", "stat_reduction"]
 
 T = TypeVar("T")
 
 # Long enough for the slowest rank's generation (the others wait for it inside the gather), short
 # enough that a hung peer ends the run in minutes, not torch's default half hour.
 DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("EGGROLL_DIST_TIMEOUT", "600")))
-
-# Per-rank stats whose name ends like this are counts: summed over ranks; everything else averaged.
-_COUNT_SUFFIXES = ("steps", "episodes", "frames", "evals", "evaluations", "count", "calls", "samples")
 
 
 class DistributedError(RuntimeError):
@@ -53,11 +50,19 @@ class DistributedError(RuntimeError):
         return next(iter(self.failures), None)
 
 
+REDUCTIONS = ("sum", "mean", "max", "min")
+
+
 def stat_reduction(key: str, declared: Mapping[str, str] | None = None) -> str:
-    """Return how a per-rank stat combines over ranks: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``."""
-    if declared and key in declared:
-        return declared[key]
-    return "sum" if key.lower().endswith(_COUNT_SUFFIXES) else "mean"
+    """Return how a per-rank stat combines over ranks: as ``declared``, else ``"mean"``.
+
+    Mean is the default because it is harmless for stats the fitness already reduced itself
+    (identical on every rank); per-rank counts must be declared ``"sum"``.
+    """
+    how = declared.get(key, "mean") if declared else "mean"
+    if how not in REDUCTIONS:
+        raise ValueError(f"stats_reduction[{key!r}] must be one of {REDUCTIONS}, got {how!r}")
+    return how
 
 
 def _describe(exc: BaseException) -> str:
@@ -217,10 +222,11 @@ class World:
     def reduce_stats(
         self, stats: Mapping[str, float], declared: Mapping[str, str] | None = None
     ) -> dict[str, float]:
-        """Combine per-rank stats so every rank holds the same values (counts summed, rest averaged).
+        """Combine per-rank stats so every rank holds the same values (averaged unless ``declared``).
 
-        ``declared`` overrides the rule per key (``"sum"``, ``"mean"``, ``"max"``, ``"min"``);
-        a key missing on some ranks is combined over the ranks that report it.
+        ``declared`` (a fitness's ``stats_reduction``) maps keys to ``"sum"`` (per-rank counts),
+        ``"mean"``, ``"max"`` or ``"min"``; a key missing on some ranks is combined over the ranks
+        that report it.
         """
         if self.size == 1:
             return {k: float(v) for k, v in stats.items()}

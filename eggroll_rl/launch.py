@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import time
@@ -126,7 +127,9 @@ def _worker(
     try:
         World.init_from_env(backend, timeout_s)
         result = target(**kwargs)
-        results.put((rank, "ok", result if rank == 0 else None, ""))
+        # Plain pickle: torch's queue pickler would pass tensors as shared-memory handles that
+        # die with this process before the launcher reads them.
+        results.put((rank, "ok", pickle.dumps(result) if rank == 0 else None, ""))
     except BaseException as exc:
         # A DistributedError that names another rank is a consequence; the launcher reports causes.
         own = not isinstance(exc, DistributedError) or rank in exc.failures
@@ -211,4 +214,4 @@ def _outcome(procs: list[Any], reports: dict[int, tuple[str, Any, str]]) -> Any:
         raise error
     if 0 not in reports:
         raise DistributedError({0: "finished without returning a result"})
-    return reports[0][1]
+    return pickle.loads(reports[0][1])

@@ -1,0 +1,257 @@
+"""Multi-process training: identical to one process, uneven splits, faults, checkpoints, torchrun.
+
+Each 2-process case is one launch (spawning costs ~1 s); the launched targets live in this module
+so the spawned processes can import them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from eggroll_rl import BatchedFitness, EGGROLLTrainer, VanillaESTrainer
+from eggroll_rl.agents import load_checkpoint, save_checkpoint
+from eggroll_rl.distributed import DistributedError, World, stat_reduction
+from eggroll_rl.launch import launch, run_distributed
+
+import toy
+
+ROOT = Path(__file__).resolve().parent.parent
+# Wall-clock columns (and rates from them) measure each run's own speed, not shared state.
+LOCAL_COLUMNS = {"time", "time_sample", "time_evaluate", "time_update", "steps_per_second"}
+
+
+# -- fitness functions and targets run inside the spawned processes --------------------------------
+class CountingFitness(BatchedFitness):
+    """The toy regression, reporting a per-rank count (summed over ranks) and a shared value."""
+
+    stats_reduction: ClassVar[dict[str, str]] = {"members": "sum"}
+
+    def __init__(self) -> None:
+        self.stats = {}
+
+    def __call__(self, population):
+        self.stats = {"members": float(len(population)), "generation_seen": float(population.generation)}
+        return toy.batched_regression(population)
+
+
+class FaultyFitness(BatchedFitness):
+    """The toy regression, except that rank ``rank`` raises, exits or hangs at ``generation``."""
+
+    def __init__(self, rank: int, generation: int, mode: str) -> None:
+        self.rank, self.generation, self.mode, self.stats = rank, generation, mode, {}
+
+    def __call__(self, population):
+        if population.world.rank == self.rank and population.generation == self.generation:
+            if self.mode == "raise":
+                raise ValueError(f"boom at generation {self.generation}")
+            if self.mode == "exit":
+                os._exit(7)
+            time.sleep(600)
+        return toy.batched_regression(population)
+
+
+def build(case: str, fitness=None) -> EGGROLLTrainer | VanillaESTrainer:
+    """Build one of the small deterministic problems."""
+    if case == "eggroll8":
+        return EGGROLLTrainer(toy.mlp(), fitness or toy.batched_regression, 8, 0.05, 0.1, rank=2, seed=3)
+    if case == "eggroll7-stats":
+        return EGGROLLTrainer(toy.mlp(), fitness or CountingFitness(), 7, 0.05, 0.1, seed=4, optimizer="adam")
+    if case == "vanilla5-per-model":
+        return VanillaESTrainer(toy.mlp(), fitness or toy.regression_fitness, 5, 0.05, 0.1, seed=5)
+    raise ValueError(case)
+
+
+def summary(trainer) -> dict:
+    """Return what must agree across ranks and world sizes."""
+    history = {k: v for k, v in trainer.history.items() if k not in LOCAL_COLUMNS}
+    return {
+        "params": trainer.current_params.clone(),
+        "best": trainer.get_best_model().state_dict(),
+        "best_fitness": trainer.best_fitness,
+        "history": history,
+    }
+
+
+def digest(s: dict) -> str:
+    h = hashlib.sha256(s["params"].numpy().tobytes())
+    h.update(repr(sorted(s["history"].items())).encode())
+    h.update(repr(s["best_fitness"]).encode())
+    return h.hexdigest()
+
+
+def train_cases(cases: list[str], generations: int) -> dict:
+    """Train each case; return rank 0's summaries and whether every rank ended identical."""
+    world = World.current()
+    out = {}
+    for case in cases:
+        trainer = build(case)
+        trainer.train(generations)
+        s = summary(trainer)
+        out[case] = {**s, "ranks_agree": len(set(world.all_gather_object(digest(s)))) == 1}
+    return out
+
+
+def train_with_fault(path: str, mode: str, timeout_note: bool = False) -> None:
+    """Train 5 generations, checkpointing on rank 0 after each; rank 1 fails at generation 3."""
+    trainer = build("eggroll8", FaultyFitness(rank=1, generation=3, mode=mode))
+    world = trainer.world
+
+    def checkpoint(generation, _):
+        world.on_main(save_checkpoint, path, {"trainer": trainer.state_dict()})
+
+    trainer.train(5, callback=checkpoint)
+
+
+def rollout_case(generations: int) -> dict:
+    """Train a CartPole policy with deterministic rollouts (no observation normaliser)."""
+    import gymnasium as gym
+
+    from eggroll_rl.policies import make_policy
+    from eggroll_rl.rollout import RolloutFitness
+
+    env = gym.make("CartPole-v1")
+    torch.manual_seed(0)
+    policy = make_policy(env.observation_space, env.action_space, (16,), normalize_obs=False)
+    env.close()
+    fitness = RolloutFitness("CartPole-v1", seed=11, obs_norm=False, max_episode_steps=100)
+    trainer = EGGROLLTrainer(policy, fitness, 8, 0.05, 0.1, seed=2)
+    trainer.train(generations)
+    s = summary(trainer)
+    s["ranks_agree"] = len(set(World.current().all_gather_object(digest(s)))) == 1
+    fitness.close()
+    return s
+
+
+# -- tests ------------------------------------------------------------------------------------------
+def assert_same(a: dict, b: dict) -> None:
+    assert torch.equal(a["params"], b["params"])
+    assert a["best_fitness"] == b["best_fitness"]
+    assert all(torch.equal(a["best"][k], b["best"][k]) for k in a["best"])
+    assert a["history"].keys() == b["history"].keys()
+    for k in a["history"]:
+        assert a["history"][k] == pytest.approx(b["history"][k], nan_ok=True, rel=0, abs=0), k
+
+
+def test_two_processes_match_one_bit_for_bit():
+    cases = ["eggroll8", "eggroll7-stats", "vanilla5-per-model"]
+    multi = run_distributed(2, train_cases, {"cases": cases, "generations": 3}, timeout=60)
+    single = train_cases(cases, 3)
+    for case in cases:
+        assert multi[case]["ranks_agree"], case
+        assert_same(single[case], multi[case])
+    # Per-rank counts are summed (7 members split 4 + 3), shared values averaged.
+    assert multi["eggroll7-stats"]["history"]["members"] == [7.0, 7.0, 7.0]
+    assert multi["eggroll7-stats"]["history"]["generation_seen"] == [0.0, 1.0, 2.0]
+
+
+def test_rollout_fitness_two_processes_match_one():
+    pytest.importorskip("eggroll_rl.rollout")
+    multi = launch(rollout_case, 2, 3, timeout=60)
+    single = rollout_case(3)
+    assert multi["ranks_agree"]
+    assert_same(single, multi)
+    assert single["history"]["env_steps"] == multi["history"]["env_steps"]
+
+
+def test_rank_that_raises_stops_run_with_clear_error_and_checkpoint_resumes(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    start = time.monotonic()
+    with pytest.raises(DistributedError, match=r"rank 1 failed: ValueError: boom at generation 3") as info:
+        launch(train_with_fault, 2, str(path), "raise", timeout=60)
+    assert time.monotonic() - start < 30
+    assert info.value.failures.keys() == {1}
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "rank 0 then stopped with: rank 1 failed: ValueError: boom" in notes  # rank 0 knew why
+    assert "Traceback" in notes
+
+    # The last checkpoint (after generation 3, written by rank 0) resumes in one process.
+    state = load_checkpoint(path)["trainer"]
+    assert state["generation"] == 3
+    resumed = build("eggroll8")
+    resumed.load_state_dict(state)
+    resumed.train(2)
+    straight = build("eggroll8")
+    straight.train(5)
+    assert torch.equal(resumed.current_params, straight.current_params)
+    assert resumed.best_fitness == straight.best_fitness
+    assert [f for f in resumed.history["fitness"]] == straight.history["fitness"]
+
+
+def test_rank_that_dies_is_named_and_survivor_stops_by_itself(tmp_path):
+    start = time.monotonic()
+    # A long grace: rank 0 must notice the dead peer itself (gloo: connection closed), not be killed.
+    with pytest.raises(DistributedError, match=r"rank 1 failed: died with exit code 7") as info:
+        launch(train_with_fault, 2, str(tmp_path / "c.pt"), "exit", timeout=20, grace=60)
+    assert time.monotonic() - start < 30
+    assert "rank 0 then stopped with: rank 0: collective" in "\n".join(info.value.__notes__)
+
+
+def test_hung_rank_times_out():
+    start = time.monotonic()
+    with pytest.raises(DistributedError, match=r"rank 1 failed: stopped responding") as info:
+        launch(train_with_fault, 2, "/nonexistent/unused.pt", "hang", timeout=2, grace=1)
+    assert time.monotonic() - start < 30
+    assert "Timed out" in "\n".join(info.value.__notes__)
+
+
+def test_torchrun_entry_point_matches_single_process():
+    script = ROOT / "tests" / "torchrun_train.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("params ")]
+    assert len(lines) == 1  # only rank 0 prints
+    single = build("eggroll8")
+    single.train(3)
+    assert lines[0] == "params " + hashlib.sha256(single.current_params.numpy().tobytes()).hexdigest()
+
+
+# -- no processes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 7, 8, 13])
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_member_slices_partition_the_population(n, size):
+    slices = [World(r, size).member_slice(n) for r in range(size)]
+    assert [i for s in slices for i in range(s.start, s.stop)] == list(range(n))
+    assert max(s.stop - s.start for s in slices) - min(s.stop - s.start for s in slices) <= 1
+
+
+def test_single_process_world_helpers():
+    world = World.init_from_env() if "WORLD_SIZE" not in os.environ else World()
+    assert world == World() and world.is_main
+    assert world.broadcast_object({"a": 1}) == {"a": 1}
+    assert world.all_gather_object(3) == [3]
+    assert world.reduce_stats({"x": 2}) == {"x": 2.0}
+    assert world.on_main(lambda: 5) == 5
+    world.barrier()
+    with pytest.raises(KeyError):
+        world.all_gather(torch.zeros(2), 2, error=KeyError("raised as is"))
+    assert run_distributed(1, dict, {"a": 1}) == {"a": 1}
+    with pytest.raises(ValueError, match="nproc"):
+        run_distributed(0, dict)
+
+
+def test_stat_reduction_and_error_message():
+    assert stat_reduction("env_steps") == "mean"  # already reduced by the fitness: averaging is safe
+    assert stat_reduction("members", {"members": "sum"}) == "sum"
+    with pytest.raises(ValueError, match="stats_reduction"):
+        stat_reduction("x", {"x": "median"})
+    err = DistributedError({2: "OSError: disk", 1: "ValueError: x"})
+    assert str(err) == "rank 1 failed: ValueError: x; rank 2 failed: OSError: disk" and err.rank == 1
