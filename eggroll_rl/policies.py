@@ -1,0 +1,345 @@
+"""MLP policies built from Gymnasium spaces, with an OpenAI-ES style observation normaliser.
+
+A policy maps a batch of flat float observations to raw outputs; `Policy.preprocess` turns what a
+vector env returns into that flat batch and `Policy.act` turns raw outputs into env actions. Only
+`nn.Linear` layers carry parameters, so the EGGROLL batched forward can perturb every member.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "ObservationNormalizer",
+    "Policy",
+    "make_policy",
+]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+    "sigmoid": nn.Sigmoid,
+    "softsign": nn.Softsign,
+    "identity": nn.Identity,
+}
+
+_OBS_SPACES = "Box, Discrete, MultiDiscrete, MultiBinary, and Dict/Tuple of these"
+_ACT_SPACES = "Discrete, MultiDiscrete, MultiBinary, and Box (fully bounded or fully unbounded)"
+
+# Encodes one batched (vector-env) observation into a float32 tensor (batch, dim).
+_Encoder = Callable[[Any, int], torch.Tensor]
+
+
+def _unsupported(space: gym.Space, side: str, supported: str, why: str = "") -> ValueError:
+    reason = f" ({why})" if why else ""
+    return ValueError(f"Unsupported {side} space {space!r}{reason}; supported {side} spaces: {supported}.")
+
+
+def _obs_encoder(space: gym.Space, side: str = "observation") -> tuple[int, _Encoder]:
+    """Return the flat size and batched encoder of `space`, in gymnasium's flatten order."""
+    if isinstance(space, spaces.Box):
+        dim = int(np.prod(space.shape, dtype=np.int64))
+
+        def encode_box(obs: Any, n: int) -> torch.Tensor:
+            x = torch.from_numpy(np.asarray(obs))
+            # Vector envs already return (n, dim) for flat Boxes: skip the reshape (and the copy a
+            # reshape of a Fortran-ordered array such as CartPoleVectorEnv's would make).
+            if x.dim() != 2 or x.shape[1] != dim:
+                x = x.reshape(n, dim)
+            return x if x.dtype == torch.float32 else x.float()
+
+        return dim, encode_box
+    if isinstance(space, spaces.Discrete):
+        size, start = int(space.n), int(space.start)
+
+        def encode_discrete(obs: Any, n: int) -> torch.Tensor:
+            idx = torch.from_numpy(np.asarray(obs, dtype=np.int64).reshape(n) - start)
+            return nn.functional.one_hot(idx, size).float()
+
+        return size, encode_discrete
+    if isinstance(space, spaces.MultiDiscrete):
+        nvec = space.nvec.reshape(-1).astype(np.int64)
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(nvec)[:-1]]))
+        start = space.start.reshape(-1).astype(np.int64)
+        dim = int(nvec.sum())
+
+        def encode_multidiscrete(obs: Any, n: int) -> torch.Tensor:
+            idx = torch.from_numpy(np.asarray(obs, dtype=np.int64).reshape(n, -1) - start)
+            out = torch.zeros(n, dim)
+            out.scatter_(1, idx + offsets, 1.0)
+            return out
+
+        return dim, encode_multidiscrete
+    if isinstance(space, spaces.MultiBinary):
+        dim = int(np.prod(space.shape, dtype=np.int64))
+
+        def encode_multibinary(obs: Any, n: int) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(obs).reshape(n, dim)).float()
+
+        return dim, encode_multibinary
+    if isinstance(space, spaces.Dict | spaces.Tuple):
+        items = list(space.spaces.items()) if isinstance(space, spaces.Dict) else None
+        children = [sub for _, sub in items] if items is not None else list(space.spaces)
+        keys = [key for key, _ in items] if items is not None else list(range(len(children)))
+        encoders = [_obs_encoder(sub, side) for sub in children]
+        dim = sum(d for d, _ in encoders)
+
+        def encode_composite(obs: Any, n: int) -> torch.Tensor:
+            parts = [enc(obs[key], n) for key, (_, enc) in zip(keys, encoders, strict=True)]
+            return torch.cat(parts, dim=1)
+
+        return dim, encode_composite
+    raise _unsupported(space, side, _OBS_SPACES)
+
+
+def _action_decoder(space: gym.Space) -> tuple[int, Callable[[torch.Tensor, bool, Any], np.ndarray]]:
+    """Return the raw output size for `space` and a decoder (outputs, deterministic, rng) -> actions."""
+    side = "action"
+    if isinstance(space, spaces.Discrete):
+        start = int(space.start)
+        binary = int(space.n) == 2
+
+        def act_discrete(out: torch.Tensor, deterministic: bool, rng: Any) -> np.ndarray:
+            logits = out.numpy()
+            if not deterministic:
+                a = _sample_categorical(logits, rng)
+            elif binary:
+                # Two actions (CartPole...): one comparison is ~6x cheaper than argmax per step;
+                # ties go to action 0, as with argmax.
+                a = (logits[:, 1] > logits[:, 0]).astype(np.int64)
+            else:
+                a = logits.argmax(axis=-1)
+            return a + start if start else a
+
+        return int(space.n), act_discrete
+    if isinstance(space, spaces.MultiDiscrete):
+        nvec = space.nvec.reshape(-1).astype(np.int64)
+        bounds = np.concatenate([[0], np.cumsum(nvec)])
+        start = space.start.astype(np.int64)
+        shape = space.nvec.shape
+        uniform = bool((nvec == nvec[0]).all())
+
+        def act_multidiscrete(out: torch.Tensor, deterministic: bool, rng: Any) -> np.ndarray:
+            n = out.shape[0]
+            if deterministic and uniform:
+                a = out.reshape(n, nvec.size, int(nvec[0])).argmax(dim=-1).numpy()
+            else:
+                logits = out.numpy()
+                cols = [
+                    logits[:, lo:hi].argmax(axis=-1)
+                    if deterministic
+                    else _sample_categorical(logits[:, lo:hi], rng)
+                    for lo, hi in itertools.pairwise(bounds)
+                ]
+                a = np.stack(cols, axis=1)
+            return (a.reshape(n, *shape) + start).astype(space.dtype, copy=False)
+
+        return int(nvec.sum()), act_multidiscrete
+    if isinstance(space, spaces.MultiBinary):
+        shape = tuple(space.shape)
+        dim = int(np.prod(shape, dtype=np.int64))
+
+        def act_multibinary(out: torch.Tensor, deterministic: bool, rng: Any) -> np.ndarray:
+            logits = out.numpy()
+            bits = logits > 0 if deterministic else rng.random(logits.shape) < 1.0 / (1.0 + np.exp(-logits))
+            return bits.astype(space.dtype).reshape(out.shape[0], *shape)
+
+        return dim, act_multibinary
+    if isinstance(space, spaces.Box):
+        dim = int(np.prod(space.shape, dtype=np.int64))
+        shape = tuple(space.shape)
+        low = space.low.reshape(-1).astype(np.float64)
+        high = space.high.reshape(-1).astype(np.float64)
+        finite = np.isfinite(low) & np.isfinite(high)
+        infinite = np.isneginf(low) & np.isposinf(high)
+        if finite.all():
+            # tanh squash: outputs of 0 (the neutral initial policy) map to the centre of the box.
+            centre = torch.from_numpy((high + low) / 2).float()
+            half = torch.from_numpy((high - low) / 2).float()
+
+            def act_box(out: torch.Tensor, deterministic: bool, rng: Any) -> np.ndarray:
+                if not deterministic:
+                    out = out + torch.from_numpy(rng.standard_normal(out.shape, np.float32))
+                a = torch.addcmul(centre, half, torch.tanh(out)).numpy()
+                # Clip away float32 round-off just outside [low, high].
+                np.clip(a, low, high, out=a, casting="unsafe")
+                return a.reshape(out.shape[0], *shape).astype(space.dtype, copy=False)
+
+            return dim, act_box
+        if infinite.all():
+
+            def act_unbounded(out: torch.Tensor, deterministic: bool, rng: Any) -> np.ndarray:
+                if not deterministic:
+                    out = out + torch.from_numpy(rng.standard_normal(out.shape, np.float32))
+                return out.numpy().reshape(out.shape[0], *shape).astype(space.dtype, copy=False)
+
+            return dim, act_unbounded
+        raise _unsupported(
+            space,
+            side,
+            _ACT_SPACES,
+            "partially bounded Box: every dimension needs both bounds finite or both infinite",
+        )
+    raise _unsupported(space, side, _ACT_SPACES)
+
+
+def _sample_categorical(logits: np.ndarray, rng: Any) -> np.ndarray:
+    """Sample one index per row from softmax(logits) with the Gumbel-max trick."""
+    gumbel = -np.log(-np.log(rng.random(logits.shape)))
+    return (logits + gumbel).argmax(axis=-1)
+
+
+class ObservationNormalizer(nn.Module):
+    """Normalise observations with running statistics that only change when `freeze` is called.
+
+    OpenAI-ES style: `update` accumulates count/sum/sum-of-squares (float64) from a sample of the
+    population's observations; `freeze` recomputes the float32 mean/std that `forward` uses, so
+    every member of a generation sees the same normaliser. std = sqrt(max(var, eps)), i.e. `eps`
+    floors the variance, and normalised values are clipped to [-clip, clip]. Everything lives in
+    buffers (no parameters), so a saved state_dict carries it and ES leaves it alone.
+    """
+
+    def __init__(self, dim: int, clip: float = 5.0, eps: float = 1e-2) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.clip = float(clip)
+        self.eps = float(eps)
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("sum", torch.zeros(self.dim, dtype=torch.float64))
+        self.register_buffer("sumsq", torch.zeros(self.dim, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(self.dim))
+        self.register_buffer("std", torch.ones(self.dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise `x` (..., dim) with the frozen mean/std and clip."""
+        return ((x - self.mean) / self.std).clamp_(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(
+        self,
+        batch: torch.Tensor | np.ndarray,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """Accumulate statistics of `batch` (..., dim); `reduce_sum` sums them across ranks."""
+        x = torch.as_tensor(batch).reshape(-1, self.dim).to(self.sum.device, torch.float64)
+        stats = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)])
+        if reduce_sum is not None:
+            stats = reduce_sum(stats)
+        self.add_stats(stats[0], stats[1 : 1 + self.dim], stats[1 + self.dim :])
+
+    @torch.no_grad()
+    def add_stats(self, count: float | torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor) -> None:
+        """Accumulate precomputed statistics (count, sum, sum of squares)."""
+        self.count += torch.as_tensor(count, dtype=torch.float64, device=self.count.device)
+        self.sum += total.to(self.sum)
+        self.sumsq += total_sq.to(self.sumsq)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Recompute the mean/std used by `forward` from the accumulated statistics."""
+        if self.count.item() <= 0:
+            return
+        mean = self.sum / self.count
+        var = (self.sumsq / self.count - mean.square()).clamp_(min=self.eps)
+        self.mean.copy_(mean)
+        self.std.copy_(var.sqrt())
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, clip={self.clip}, eps={self.eps}"
+
+
+class Policy(nn.Module):
+    """An MLP policy for given Gymnasium spaces: normalise → Linear/activation stack → raw outputs."""
+
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        normalize_obs: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.obs_dim, self._encode = _obs_encoder(observation_space)
+        self.act_dim, self._decode = _action_decoder(action_space)
+        self.config: dict[str, Any] = {
+            "hidden_sizes": [int(h) for h in hidden_sizes],
+            "activation": activation,
+            "normalize_obs": bool(normalize_obs),
+        }
+        self.obs_norm = ObservationNormalizer(self.obs_dim) if normalize_obs else None
+        layers: list[nn.Module] = []
+        sizes = [self.obs_dim, *self.config["hidden_sizes"]]
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+        head = nn.Linear(sizes[-1], self.act_dim)
+        # A near-zero head makes the initial policy near neutral (mid-box actions, near-uniform
+        # logits), so early ES steps are not spent undoing a random bias.
+        with torch.no_grad():
+            head.weight.mul_(0.01)
+            head.bias.zero_()
+        self.net = nn.Sequential(*layers, head)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Map flat observations (..., obs_dim) to raw outputs (..., act_dim)."""
+        if self.obs_norm is not None:
+            obs = self.obs_norm(obs)
+        return self.net(obs)
+
+    def preprocess(self, obs: Any) -> torch.Tensor:
+        """Turn a vector env's batched observation into a float32 tensor (batch, obs_dim)."""
+        return self._encode(obs, _batch_size(obs))
+
+    def act(
+        self,
+        outputs: torch.Tensor,
+        deterministic: bool = True,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """Turn raw outputs (batch, act_dim) into actions for a vector env's `step`.
+
+        Deterministic: argmax / tanh-squash / sign. Otherwise sample: softmax for Discrete and
+        MultiDiscrete, sigmoid for MultiBinary, unit Gaussian noise on the pre-squash output for Box.
+        """
+        out = outputs.detach()
+        if out.device.type != "cpu":
+            out = out.cpu()
+        out = out.reshape(-1, self.act_dim)
+        if not deterministic and rng is None:
+            rng = np.random.default_rng()
+        return self._decode(out, deterministic, rng)
+
+
+def _batch_size(obs: Any) -> int:
+    """Return the leading (batch) size of a possibly nested batched observation."""
+    while isinstance(obs, dict | tuple | list):
+        obs = next(iter(obs.values())) if isinstance(obs, dict) else obs[0]
+    return int(np.shape(obs)[0])
+
+
+def make_policy(
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "tanh",
+    normalize_obs: bool = True,
+) -> Policy:
+    """Build an MLP policy for the given single-env spaces."""
+    return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)

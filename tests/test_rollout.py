@@ -1,0 +1,379 @@
+"""Rollout fitness, vector-env construction and evaluation, on tiny deterministic envs."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+from eggroll_rl.core import EGGROLLTrainer
+from eggroll_rl.policies import make_policy
+from eggroll_rl.population import BatchedFitness
+from eggroll_rl.rollout import (
+    EvalResult,
+    RolloutFitness,
+    derive_seed,
+    episode_seed,
+    evaluate,
+    make_vec_env,
+    reset_with_seeds,
+)
+
+MODES = [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLED]
+
+
+class CountEnv(gym.Env):
+    """Reward t at step t; action 1 ends the episode (terminated); truncated after `limit` steps.
+
+    After reset(seed=s): limit = 2 + (s % 4 + e) % 4 for the e-th episode since that seeded reset.
+    Stepping a finished episode is an error, so a rollout that does it fails loudly.
+    """
+
+    observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self) -> None:
+        self._offset, self._episode, self._done = 0, 0, True
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._offset, self._episode = seed % 4, 0
+        self.limit = 2 + (self._offset + self._episode) % 4
+        self._episode += 1
+        self.t, self._done = 0, False
+        return self._obs(), {}
+
+    def _obs(self):
+        return np.array([self.t, self.limit], dtype=np.float32)
+
+    def step(self, action):
+        assert not self._done, "stepped a finished episode"
+        self.t += 1
+        terminated = bool(action == 1)
+        truncated = self.t >= self.limit and not terminated
+        self._done = terminated or truncated
+        return self._obs(), float(self.t), terminated, truncated, {}
+
+
+def count_limit(seed: int, episode: int = 0) -> int:
+    return 2 + (seed % 4 + episode) % 4
+
+
+class TargetEnv(gym.Env):
+    """Observe a target in the action box; reward -|a - target|^2 per step for 5 steps."""
+
+    observation_space = spaces.Box(-10.0, 10.0, (2,), np.float32)
+    action_space = spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([1.0, 5.0], np.float32))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.target = self.np_random.uniform(self.action_space.low, self.action_space.high)
+        self.t = 0
+        return self.target.astype(np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"action {action} outside the box"
+        self.t += 1
+        reward = -float(np.square(action - self.target).sum())
+        return self.target.astype(np.float32), reward, False, self.t >= 5, {}
+
+
+for env_id, entry in (("EggrollTest/Count-v0", CountEnv), ("EggrollTest/Target-v0", TargetEnv)):
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=entry)
+
+
+class FakePopulation:
+    """The population contract with a scripted forward: row i is member i."""
+
+    def __init__(self, model, forward, members: int, generation: int = 0) -> None:
+        self.model, self._forward = model, forward
+        self.size, self.generation, self.seed = members, generation, 0
+        self.indices = torch.arange(members)
+        self.device = torch.device("cpu")
+        self.noise_reuse = self.group_size = 0
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[0] == self.size
+        self.calls += 1
+        return self._forward(x)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def stopper(stops: list[float]):
+    """Member i presses 'stop' (action 1) on its stops[i]-th step."""
+    stop = torch.tensor(stops, dtype=torch.float32)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        s = stop.view(-1, *([1] * (x.dim() - 2)))
+        go = (x[..., 0] + 1 >= s).float()
+        return torch.stack([1 - go, go], dim=-1)
+
+    return forward
+
+
+def count_policy():
+    env = CountEnv()
+    return make_policy(env.observation_space, env.action_space, hidden_sizes=(4,))
+
+
+def triangle(length: int) -> float:
+    return length * (length + 1) / 2
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("k", [1, 3])
+def test_rollout_returns_equal_hand_computed_sums(mode, k):
+    stops = [1, 2, 3, 100, 4]
+    fit = RolloutFitness("EggrollTest/Count-v0", episodes_per_member=k, seed=7, autoreset_mode=mode)
+    for generation in (0, 1):
+        pop = FakePopulation(count_policy(), stopper(stops), len(stops), generation)
+        fitness = fit(pop)
+        assert fit.env.metadata["autoreset_mode"] == mode
+        limits = [count_limit(episode_seed(7, generation, j)) for j in range(k)]
+        lengths = np.array([[min(s, lim) for lim in limits] for s in stops])
+        expected = np.array([[triangle(L) for L in row] for row in lengths]).mean(1)
+        np.testing.assert_allclose(fitness.numpy(), expected)
+        assert pop.calls == lengths.max()  # one batched forward per lockstep step
+        assert fit.stats["env_steps"] == lengths.sum()
+        assert fit.stats["episode_length_mean"] == pytest.approx(lengths.mean())
+        assert fit.stats["return_mean"] == pytest.approx(expected.mean())
+        assert fit.stats["steps_per_second"] > 0
+    first_env = fit.env
+    fit(FakePopulation(count_policy(), stopper(stops), len(stops), 2))
+    assert fit.env is first_env  # built once, reused across generations
+    assert fit.stats["total_env_steps"] > fit.stats["env_steps"]
+    fit.close()
+
+
+def test_episodes_average_over_different_start_states():
+    # k=4 episodes see 4 different seeds; members share them (common random numbers).
+    fit = RolloutFitness("EggrollTest/Count-v0", episodes_per_member=4, seed=3)
+    pop = FakePopulation(count_policy(), stopper([100, 100]), 2, generation=5)
+    fitness = fit(pop).numpy()
+    limits = [count_limit(episode_seed(3, 5, j)) for j in range(4)]
+    assert fitness[0] == fitness[1] == pytest.approx(np.mean([triangle(L) for L in limits]))
+
+
+def test_max_episode_steps_caps_the_accounting():
+    fit = RolloutFitness("EggrollTest/Count-v0", max_episode_steps=2, seed=1)
+    fitness = fit(FakePopulation(count_policy(), stopper([1, 100]), 2))
+    np.testing.assert_allclose(fitness.numpy(), [1.0, 3.0])
+
+
+def test_rollout_feeds_and_freezes_the_normaliser():
+    policy = count_policy()
+    norm = policy.obs_norm
+    fit = RolloutFitness("EggrollTest/Count-v0", seed=0, obs_norm_fraction=1.0)
+    stops = [1, 3, 100]
+    fit(FakePopulation(policy, stopper(stops), 3, 0))
+    limit = count_limit(episode_seed(0, 0, 0))
+    lengths = [min(s, limit) for s in stops]
+    fed = np.array([[t, limit] for L in lengths for t in range(L)], dtype=np.float64)
+    assert norm.count.item() == len(fed) == fit.stats["env_steps"]
+    np.testing.assert_allclose(norm.sum.numpy(), fed.sum(0))
+    np.testing.assert_allclose(norm.sumsq.numpy(), np.square(fed).sum(0))
+    # Frozen within a generation: forward still uses the old mean/std until the next call.
+    assert torch.equal(norm.mean, torch.zeros(2))
+    fit(FakePopulation(policy, stopper(stops), 3, 1))
+    np.testing.assert_allclose(norm.mean.numpy(), fed.mean(0), rtol=1e-6)
+    off = RolloutFitness("EggrollTest/Count-v0", obs_norm=False)
+    fresh = count_policy()
+    off(FakePopulation(fresh, stopper(stops), 3))
+    assert fresh.obs_norm.count.item() == 0
+
+
+def test_cartpole_reset_shares_start_states_like_the_single_env():
+    env = CartPoleVectorEnv(num_envs=6)
+    seeds = [11, 22, 11, 22, 11, 22]
+    obs = reset_with_seeds(env, seeds)
+    for i, s in enumerate(seeds):
+        single, _ = gym.make("CartPole-v1").reset(seed=s)
+        np.testing.assert_array_equal(obs[i], single)
+    np.testing.assert_array_equal(obs[0], obs[2])
+    assert not np.array_equal(obs[0], obs[1])
+    obs2, *_ = env.step(np.zeros(6, dtype=np.int64))
+    np.testing.assert_array_equal(obs2[0], obs2[2])  # the physics continues from the set state
+
+
+def test_make_vec_env_backends_and_errors():
+    cartpole = make_vec_env("CartPole-v1", 3)
+    assert type(cartpole) is CartPoleVectorEnv and cartpole.num_envs == 3
+    capped = make_vec_env("CartPole-v1", 2, max_episode_steps=10)
+    assert capped.max_episode_steps == 10
+    same = make_vec_env("CartPole-v1", 2, autoreset_mode="SameStep")
+    assert isinstance(same, SyncVectorEnv) and same.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    assert isinstance(make_vec_env("EggrollTest/Count-v0", 2), SyncVectorEnv)
+    assert isinstance(make_vec_env("CartPole-v1", 2, backend="sync"), SyncVectorEnv)
+    with pytest.raises(ValueError, match="CartPole-v1"):
+        make_vec_env("CartPol-v1", 2)
+    with pytest.raises(ValueError, match="Unknown environment id"):
+        RolloutFitness("NoSuchEnvironment-v0")
+    with pytest.raises(ValueError, match="backend"):
+        make_vec_env("CartPole-v1", 2, backend="ray")
+    with pytest.raises(ValueError, match="no native vector"):
+        make_vec_env("EggrollTest/Count-v0", 2, backend="vector_entry_point")
+    built = make_vec_env(lambda n: CartPoleVectorEnv(num_envs=n), 4)
+    assert built.num_envs == 4
+    assert make_vec_env(built, 4) is built
+    with pytest.raises(ValueError, match="4 sub-envs but 5"):
+        make_vec_env(built, 5)
+    with pytest.raises(TypeError, match="VectorEnv"):
+        make_vec_env(lambda n: CountEnv(), 2)
+
+
+def test_envpool_backend(monkeypatch):
+    monkeypatch.setitem(sys.modules, "envpool", None)  # not installed
+    with pytest.raises(ImportError, match=r"eggroll-rl\[envpool\]"):
+        make_vec_env("CartPole-v1", 2, backend="envpool")
+
+    made = {}
+
+    def fake_make(task_id, env_type, num_envs, seed, **kwargs):
+        made.update(task_id=task_id, env_type=env_type, seed=seed, **kwargs)
+        pool = CartPoleVectorEnv(num_envs=num_envs, **kwargs)
+        pool.reset(seed=seed)
+        return types.SimpleNamespace(
+            observation_space=pool.single_observation_space,
+            action_space=pool.single_action_space,
+            reset=lambda: pool.reset(),
+            step=pool.step,
+        )
+
+    fake = types.SimpleNamespace(make=fake_make, list_all_envs=lambda: ["CartPole-v1"])
+    monkeypatch.setitem(sys.modules, "envpool", fake)
+    env = make_vec_env("CartPole-v1", 4, backend="envpool", max_episode_steps=50, seed=3)
+    assert made["env_type"] == "gymnasium" and made["max_episode_steps"] == 50
+    with pytest.raises(ValueError, match="CartPole-v1"):
+        make_vec_env("CartPole-v2", 4, backend="envpool")
+    policy = make_policy(env.single_observation_space, env.single_action_space)
+    with pytest.warns(RuntimeWarning, match="common random numbers"):
+        result = evaluate(policy, env, episodes=4)
+    assert result.episodes == 4 and (result.lengths <= 50).all()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize(("episodes", "num_envs"), [(10, 4), (3, 3), (5, None)])
+def test_evaluate_quota_gives_exact_episodes_and_mean(mode, episodes, num_envs):
+    policy = count_policy()
+    with torch.no_grad():  # never press stop: episodes run to their seed-given limit
+        policy.net[-1].weight.zero_()
+        policy.net[-1].bias.copy_(torch.tensor([1.0, 0.0]))
+    env = make_vec_env("EggrollTest/Count-v0", num_envs or episodes, autoreset_mode=mode)
+    result = evaluate(policy, env, episodes=episodes, seed=5)
+    n = env.num_envs
+    quota = [episodes // n + (i < episodes % n) for i in range(n)]
+    lengths = [count_limit(derive_seed(1, 5, i), e) for i in range(n) for e in range(quota[i])]
+    returns = [triangle(L) for L in lengths]
+    assert isinstance(result, EvalResult) and result.episodes == episodes
+    np.testing.assert_array_equal(result.lengths, lengths)
+    np.testing.assert_allclose(result.returns, returns)
+    assert result.mean == pytest.approx(np.mean(returns))
+    assert result.std == pytest.approx(np.std(returns))
+    assert result.length_mean == pytest.approx(np.mean(lengths))
+
+
+def test_evaluate_with_more_sub_envs_than_episodes_and_by_id():
+    policy = count_policy()
+    env = make_vec_env("EggrollTest/Count-v0", 6)
+    assert evaluate(policy, env, episodes=4).episodes == 4
+    by_id = evaluate(policy, "EggrollTest/Count-v0", episodes=7, seed=2, max_episode_steps=3)
+    assert by_id.episodes == 7 and by_id.lengths.max() <= 3
+    again = evaluate(policy, "EggrollTest/Count-v0", episodes=7, seed=2, max_episode_steps=3)
+    np.testing.assert_array_equal(again.returns, by_id.returns)  # seeded: reproducible
+
+
+def test_box_actions_stay_in_bounds_through_the_env():
+    env = TargetEnv()
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=(8,))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0, 10)  # wild outputs: only the squash keeps actions legal
+    result = evaluate(policy, "EggrollTest/Target-v0", episodes=8, deterministic=False)
+    assert result.episodes == 8  # TargetEnv asserts every action is inside its box
+
+
+def make_trainer(policy, fitness, **kw):
+    args = {"population_size": 32, "learning_rate": 0.2, "sigma": 0.3, "seed": 0, **kw}
+    return EGGROLLTrainer(model=policy, fitness_fn=fitness, **args)
+
+
+def test_user_registered_env_trains_through_the_library():
+    env = TargetEnv()
+    torch.manual_seed(0)
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=())
+    before = evaluate(policy, "EggrollTest/Target-v0", episodes=50, seed=1).mean
+    fitness = RolloutFitness("EggrollTest/Target-v0", episodes_per_member=2, seed=0)
+    history = make_trainer(policy, fitness, learning_rate=0.5, sigma=0.5).train(100)
+    after = evaluate(policy, "EggrollTest/Target-v0", episodes=50, seed=1).mean
+    assert history["env_steps"][-1] == 32 * 2 * 5
+    assert history["total_env_steps"][-1] == 100 * 32 * 2 * 5
+    assert after > before / 2, (before, after)  # the squared error at least halves
+
+
+def test_user_fitness_wrapping_the_rollout_adds_a_penalty():
+    class Penalised(BatchedFitness):
+        """Mean return minus a penalty on each member's output size at a probe observation."""
+
+        def __init__(self) -> None:
+            self.rollout = RolloutFitness("EggrollTest/Count-v0", seed=0)
+            self.stats: dict[str, float] = {}
+            self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def __call__(self, population):
+            returns = self.rollout(population).float()
+            probe = torch.ones(len(population), 2)
+            penalty = population(probe).square().sum(-1)
+            self.seen.append((returns, penalty))
+            self.stats = {**self.rollout.stats, "penalty_mean": float(penalty.mean())}
+            return returns - penalty
+
+    fitness = Penalised()
+    trainer = make_trainer(count_policy(), fitness, population_size=8)
+    history = trainer.train(3)
+    assert len(fitness.seen) == 3
+    returns, penalty = fitness.seen[-1]
+    assert (penalty > 0).all() and penalty.std() > 0  # members differ: perturbed outputs
+    assert history["mean_fitness"][-1] == pytest.approx(float((returns - penalty).mean()), rel=1e-5)
+    assert history["penalty_mean"][-1] == pytest.approx(float(penalty.mean()))
+    assert history["env_steps"][-1] > 0
+
+
+def test_episodes_per_member_through_the_real_population():
+    fitness = RolloutFitness("EggrollTest/Count-v0", episodes_per_member=3, seed=0)
+    trainer = make_trainer(count_policy(), fitness, population_size=6, noise_reuse=2)
+    stats = trainer.step()
+    assert fitness.env.num_envs == 18
+    assert stats["env_steps"] >= 18
+    assert fitness.state_dict() == {"total_env_steps": int(stats["env_steps"])}
+
+
+def test_cartpole_solved_through_the_library_api():
+    env = gym.make("CartPole-v1")
+    torch.manual_seed(0)
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=())
+    fitness = RolloutFitness("CartPole-v1", seed=0)
+    trainer = make_trainer(policy, fitness, population_size=64)
+    result = None
+    for _ in range(30):
+        stats = trainer.step()
+        if stats["mean_fitness"] >= 400:
+            result = evaluate(policy, "CartPole-v1", episodes=100, seed=123)
+            if result.mean >= 475:
+                break
+    assert result is not None and result.mean >= 475, (trainer.generation, result)
+    assert result.episodes == 100
