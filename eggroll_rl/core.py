@@ -344,7 +344,7 @@ class ESTrainer(ABC):
             # error instead of waiting for this rank until the collective times out.
             error, local = exc, torch.zeros(len(indices), dtype=torch.float64)
         fitness = self.world.all_gather(local.to(self.device), self.population_size, error=error)
-        return _finite_or_worst(fitness, self.generation)
+        return _finite_or_worst(fitness, self.generation, warn=self.world.is_main)
 
     def _evaluate_member(self, delta: torch.Tensor) -> float:
         if self._member is None:
@@ -408,13 +408,15 @@ def _fitness_vector(value: Any, expected: int) -> torch.Tensor:
     return value.detach().to(torch.float64)
 
 
-def _finite_or_worst(fitness: torch.Tensor, generation: int) -> torch.Tensor:
+def _finite_or_worst(fitness: torch.Tensor, generation: int, warn: bool = True) -> torch.Tensor:
     finite = torch.isfinite(fitness)
     if bool(finite.all()):
         return fitness
     if not bool(finite.any()):
         raise ValueError(f"fitness_fn returned no finite fitness at generation {generation} (all NaN/inf)")
     bad = int((~finite).sum())
+    if not warn:  # every rank sees the same gathered fitness; one warning per run is enough
+        return torch.where(finite, fitness, fitness[finite].min())
     warnings.warn(
         f"{bad} non-finite fitness value(s) at generation {generation} counted as the worst",
         RuntimeWarning,
