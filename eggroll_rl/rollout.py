@@ -372,6 +372,9 @@ class RolloutFitness(BatchedFitness):
     the trainer's best-member snapshot holds exactly the normaliser that member used.
     """
 
+    # Per-rank rates add up to the run's throughput; every other stat is already reduced here.
+    stats_reduction: ClassVar[dict[str, str]] = {"steps_per_second": "sum"}
+
     def __init__(
         self,
         env: EnvLike,
@@ -422,6 +425,24 @@ class RolloutFitness(BatchedFitness):
         )
         return self.env
 
+    def _sample_block(self, population: Population) -> slice | None:
+        """Return the local sub-envs whose observations feed the normaliser this generation.
+
+        The block is drawn over the whole population's sub-envs from (seed, generation), and each
+        rank records its share of it, so the reduced sample is the same however many ranks run.
+        """
+        k, idx = self.episodes_per_member, population.indices
+        local = len(population) * k
+        # Ranks evaluate contiguous blocks of members; otherwise fall back to a local sample.
+        contiguous = local > 0 and int(idx[-1]) - int(idx[0]) == len(population) - 1
+        total = population.size * k if contiguous else local
+        first = int(idx[0]) * k if contiguous else 0
+        size = min(total, math.ceil(self.obs_norm_fraction * total))
+        rng = np.random.default_rng(derive_seed(_SAMPLE, self.seed, population.generation))
+        start = int(rng.integers(total - size + 1))
+        lo, hi = max(start - first, 0), min(start + size - first, local)
+        return slice(lo, hi) if lo < hi else None
+
     def __call__(self, population: Population) -> torch.Tensor:
         """Play every member's episodes in lockstep and return their mean returns."""
         policy = population.model
@@ -438,11 +459,7 @@ class RolloutFitness(BatchedFitness):
             norm.freeze()  # statistics gathered up to the previous generation
         gen = population.generation
         seeds = np.tile([episode_seed(self.seed, gen, j) for j in range(k)], members)
-        record = None
-        if norm is not None:
-            size = min(num_envs, math.ceil(self.obs_norm_fraction * num_envs))
-            start = np.random.default_rng(derive_seed(_SAMPLE, self.seed, gen)).integers(num_envs - size + 1)
-            record = slice(int(start), int(start) + size)
+        record = self._sample_block(population) if norm is not None else None
         device = population.device
         on_cpu = device.type == "cpu"
 

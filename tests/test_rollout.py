@@ -94,19 +94,19 @@ for env_id, entry in (("EggrollTest/Count-v0", CountEnv), ("EggrollTest/Target-v
 class FakePopulation:
     """The population contract with a scripted forward: row i is member i."""
 
-    def __init__(self, model, forward, members: int, generation: int = 0) -> None:
+    def __init__(self, model, forward, members: int, generation: int = 0, indices=None) -> None:
         self.model, self._forward = model, forward
         self.size, self.generation, self.seed = members, generation, 0
-        self.indices = torch.arange(members)
+        self.indices = torch.arange(members) if indices is None else indices
         self.device = torch.device("cpu")
         self.noise_reuse = self.group_size = 0
         self.calls = 0
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.indices)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        assert x.shape[0] == self.size
+        assert x.shape[0] == len(self)
         self.calls += 1
         return self._forward(x)
 
@@ -195,6 +195,24 @@ def test_rollout_feeds_and_freezes_the_normaliser():
     fresh = count_policy()
     off(FakePopulation(fresh, stopper(stops), 3))
     assert fresh.obs_norm.count.item() == 0
+
+
+def test_normaliser_sample_is_the_same_when_members_are_split_over_ranks():
+    stops = [1, 2, 3, 4, 5, 6, 100, 2]
+    whole = count_policy()
+    RolloutFitness("EggrollTest/Count-v0", obs_norm_fraction=0.5, seed=4)(
+        FakePopulation(whole, stopper(stops), 8, generation=3)
+    )
+    parts = []
+    for lo, hi in ((0, 3), (3, 8)):  # two "ranks" with uneven contiguous blocks of members
+        policy = count_policy()
+        pop = FakePopulation(policy, stopper(stops[lo:hi]), 8, 3, indices=torch.arange(lo, hi))
+        RolloutFitness("EggrollTest/Count-v0", obs_norm_fraction=0.5, seed=4)(pop)
+        parts.append(policy.obs_norm)
+    assert 0 < whole.obs_norm.count.item() < 8 * 5  # a sample, not every observation
+    for name in ("count", "sum", "sumsq"):
+        torch.testing.assert_close(getattr(whole.obs_norm, name), sum(getattr(p, name) for p in parts))
+    assert RolloutFitness.stats_reduction == {"steps_per_second": "sum"}
 
 
 def test_cartpole_reset_shares_start_states_like_the_single_env():
