@@ -1,0 +1,413 @@
+"""The ``eggroll-rl`` command line: train, eval (--record), envs, plot.
+
+A thin layer over the library: presets come from ``eggroll_rl.presets``, the run from
+``eggroll_rl.run``, agents from ``eggroll_rl.agents``. Bad input of any kind (unknown env id,
+missing or corrupt agent, unknown ``--set`` key, invalid value, missing optional dependency,
+usage errors) exits with code 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+try:  # typer >= 0.25 vendors click; older versions use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import UsageError
+
+from eggroll_rl.agents import AgentError
+from eggroll_rl.presets import PresetError
+
+__all__ = ["AGENTS_DIR_ENV", "VIDEOS_DIR_ENV", "app", "main"]
+
+AGENTS_DIR_ENV = "EGGROLL_RL_AGENTS_DIR"
+VIDEOS_DIR_ENV = "EGGROLL_RL_VIDEOS_DIR"
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="eggroll-rl",
+    help="Train and evaluate reinforcement-learning agents with Evolution Strategies (EGGROLL).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class MissingDependency(RuntimeError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    # Plain print, not rich: rich wraps long lines, and an error must stay one line.
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return typer.Exit(code)
+
+
+def _friendly(fn: F) -> F:
+    """Turn the library's bad-input errors into exit code 2 and one line on stderr."""
+    from eggroll_rl.run import RunError, RunInterrupted
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (AgentError, PresetError, RunError, MissingDependency) as exc:
+            raise _fail(str(exc)) from None
+        except RunInterrupted as exc:
+            raise _fail(str(exc), EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _agents_root() -> Path:
+    return Path(os.environ.get(AGENTS_DIR_ENV) or "agents")
+
+
+def _is_main_process() -> bool:
+    # Under torchrun only rank 0 talks; RANK is set before the process group exists.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _echo(text: str = "") -> None:
+    if _is_main_process():
+        print(text, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+@app.command()
+@_friendly
+def train(
+    env_id: Annotated[str, typer.Argument(metavar="ENV_ID", help="Gymnasium env id, e.g. CartPole-v1.")],
+    trainer: Annotated[str | None, typer.Option("--trainer", help="eggroll (low-rank) or vanilla.")] = None,
+    population: Annotated[int | None, typer.Option(help="Population size (members per generation).")] = None,
+    sigma: Annotated[float | None, typer.Option(help="Noise scale.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    rank: Annotated[int | None, typer.Option(help="EGGROLL perturbation rank.")] = None,
+    generations: Annotated[int | None, typer.Option(help="Generation budget.")] = None,
+    episodes_per_member: Annotated[int | None, typer.Option(help="Episodes averaged per member.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    target: Annotated[float | None, typer.Option(help="Mean eval return that counts as solved.")] = None,
+    max_seconds: Annotated[float | None, typer.Option(help="Wall-clock budget in seconds.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Agents root; the agent goes to OUT/ENV_ID (default ${AGENTS_DIR_ENV} or agents)."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any preset key: key=value (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/ENV_ID/checkpoint.pt exactly.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines, no live bar.")] = False,
+    nproc: Annotated[int, typer.Option(help="Local processes sharing the population.", min=1)] = 1,
+) -> None:
+    """Train an agent for ENV_ID from its preset (envs/ENV_ID.toml) and save it to OUT/ENV_ID."""
+    from eggroll_rl.presets import apply_overrides, check_env_id, dump_preset, load_preset
+    from eggroll_rl.run import resume_preset
+
+    root = out if out is not None else _agents_root()
+    typed = {
+        "trainer.algorithm": trainer,
+        "trainer.population": population,
+        "trainer.sigma": sigma,
+        "trainer.lr": lr,
+        "trainer.rank": rank,
+        "trainer.generations": generations,
+        "rollout.episodes_per_member": episodes_per_member,
+        "trainer.seed": seed,
+        "run.device": device,
+        "target": target,
+        "run.max_seconds": max_seconds,
+    }
+    typed = {k: v for k, v in typed.items() if v is not None}
+    sets = list(set_ or [])
+    check_env_id(env_id)
+    if resume:
+        preset = resume_preset(env_id, root, typed, sets)
+    else:
+        preset = load_preset(env_id)
+        if typed:
+            preset = apply_overrides(preset, typed)
+        if sets:
+            preset = apply_overrides(preset, sets)
+        if preset.is_default:
+            _echo(f"No preset for {env_id} (envs/{env_id}.toml); training with these defaults:")
+            _echo(dump_preset(preset).rstrip())
+            _echo()
+    kind = "plain" if no_progress or not sys.stdout.isatty() else "rich"
+    result = _run_training(preset, root, resume, kind, nproc)
+    if result is None:
+        return
+    _report_training(result, env_id)
+    if result.stopped == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _run_training(preset: Any, root: Path, resume: bool, kind: str, nproc: int) -> Any:
+    """Run in this process (or under torchrun), or spawn ``nproc`` local processes."""
+    from eggroll_rl.distributed import DistributedError, World
+    from eggroll_rl.run import _StopRequest, train, train_worker
+
+    if nproc > 1:
+        if "RANK" in os.environ:
+            raise MissingDependency("--nproc cannot be combined with torchrun; use one or the other")
+        from eggroll_rl.launch import run_distributed
+
+        # The children receive the terminal's Ctrl-C themselves and stop after the generation;
+        # the launcher only has to survive the first one (a second one stops everything).
+        try:
+            with _StopRequest():
+                return run_distributed(
+                    nproc,
+                    train_worker,
+                    {"preset": preset, "out": str(root), "resume": resume, "progress": kind},
+                )
+        except DistributedError as exc:
+            raise _fail(str(exc).splitlines()[0], 1) from None
+    world = World.init_from_env()
+    from eggroll_rl.progress import make_progress
+
+    result = train(preset, root, resume=resume, progress=make_progress(kind) if world.is_main else None)
+    if world.size > 1:
+        World.shutdown()
+    return result if world.is_main else None
+
+
+def _report_training(result: Any, env_id: str) -> None:
+    r = result.results
+    target = r.get("target")
+    verdict = {True: "solved", False: "not solved", None: "no target"}[r.get("solved")]
+    against = "" if target is None else f" (target {target:g})"
+    how = {
+        "target": "reached the target",
+        "generations": "used the generation budget",
+        "time": "used the time budget",
+        "callback": "stopped by the callback",
+        "interrupted": "was interrupted",
+    }[result.stopped]
+    _echo(
+        f"{env_id}: {r['mean']:.2f} +/- {r['std']:.2f} over {r['episodes']} episodes, {verdict}{against}; "
+        f"the run {how} after {result.generations} generations, {result.env_steps:,} env steps, "
+        f"{result.seconds:.1f} s"
+    )
+    _echo(f"Saved the agent to {result.directory} (checkpoint: {result.checkpoint})")
+    if result.stopped == "interrupted":
+        _echo(f"Continue with: eggroll-rl train {env_id} --resume" + _out_flag(result.directory))
+    else:
+        _echo(f"Watch it: eggroll-rl eval {result.directory} --record")
+
+
+def _out_flag(directory: Path) -> str:
+    root = directory.parent
+    return "" if root == _agents_root() else f" --out {root}"
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+@app.command("eval")
+@_friendly
+def eval_(
+    agent: Annotated[
+        str | None,
+        typer.Argument(
+            help="An env id (its agent under the agents root) or an agent directory; default: latest."
+        ),
+    ] = None,
+    episodes: Annotated[int, typer.Option(help="Evaluation episodes.", min=1)] = 10,
+    seed: Annotated[int, typer.Option(help="Evaluation seed.", min=0)] = 0,
+    record: Annotated[bool, typer.Option(help="Record an mp4 of one episode into videos/ENV_ID/.")] = False,
+    video_dir: Annotated[
+        Path | None, typer.Option(help=f"Where recordings go (default ${VIDEOS_DIR_ENV} or videos).")
+    ] = None,
+    agents_dir: Annotated[
+        Path | None, typer.Option(help=f"Agents root for env ids (default ${AGENTS_DIR_ENV} or agents).")
+    ] = None,
+) -> None:
+    """Evaluate a trained agent: mean +/- std return and solved yes/no; optionally record a video."""
+    import gymnasium as gym
+
+    from eggroll_rl.agents import load_agent, resolve_agent
+    from eggroll_rl.presets import check_env_id
+    from eggroll_rl.rollout import evaluate
+
+    root = agents_dir if agents_dir is not None else _agents_root()
+    expected = None
+    if agent is not None and not Path(agent).is_dir():
+        if agent not in gym.registry and not (root / agent.replace("/", "__")).is_dir():
+            try:
+                check_env_id(agent)
+            except PresetError as exc:
+                hint = str(exc).partition(";")[2]
+                hint = f";{hint}" if hint else f" (no agent in {root})"
+                raise AgentError(f"{agent}: neither an agent directory nor a known env id{hint}") from None
+        expected = agent
+    path = resolve_agent(agent, root)
+    loaded = load_agent(path, expected)
+    env_id = loaded.env_id
+    check_env_id(env_id)
+    policy = loaded.build_policy()
+    target = _agent_target(loaded.config, env_id)
+    result = evaluate(policy, env_id, episodes=episodes, seed=seed)
+    verdict = "n/a (no target)" if target is None else ("yes" if result.mean >= target else "no")
+    against = "" if target is None else f" (target {target:g})"
+    print(f"{env_id} ({path}): {result.mean:.2f} +/- {result.std:.2f} over {result.episodes} episodes")
+    print(f"solved: {verdict}{against}")
+    if record:
+        from eggroll_rl.video import record_episode
+
+        videos = video_dir if video_dir is not None else Path(os.environ.get(VIDEOS_DIR_ENV) or "videos")
+        slug = env_id.replace("/", "__")
+        video = record_episode(policy, env_id, videos / slug / f"{slug}-seed{seed}.mp4", seed=seed)
+        print(f"recorded {video.frames} frames (return {video.episode_return:.2f}) to {video.path}")
+
+
+def _agent_target(config: dict[str, Any], env_id: str) -> float | None:
+    target = config.get("target")
+    if isinstance(target, int | float) and not isinstance(target, bool):
+        return float(target)
+    import gymnasium as gym
+
+    threshold = gym.spec(env_id).reward_threshold
+    return None if threshold is None else float(threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# envs
+
+
+@app.command()
+@_friendly
+def envs(
+    agents_dir: Annotated[
+        Path | None, typer.Option(help=f"Agents root (default ${AGENTS_DIR_ENV} or agents).")
+    ] = None,
+) -> None:
+    """List the presets: env id, tuned, target, measured cost to solve, the shipped agent's score."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from eggroll_rl.agents import RESULTS_FILE, agent_dir
+    from eggroll_rl.presets import list_presets
+    from eggroll_rl.run import resolve_target
+
+    root = agents_dir if agents_dir is not None else _agents_root()
+    table = Table(title="eggroll-rl presets (envs/)")
+    for name, justify in (
+        ("env id", "left"),
+        ("tuned", "center"),
+        ("target", "right"),
+        ("measured to solve", "right"),
+        ("shipped agent", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for preset in list_presets():
+        target = resolve_target(preset)
+        m = preset.measured
+        measured = "-"
+        if m.seconds is not None or m.env_steps is not None:
+            parts = []
+            if m.seconds is not None:
+                parts.append(f"{m.seconds:.1f} s")
+            if m.env_steps is not None:
+                parts.append(f"{m.env_steps:,} steps")
+            if m.seeds:
+                parts.append(f"{m.solved_seeds or 0}/{m.seeds} seeds")
+            measured = ", ".join(parts)
+        table.add_row(
+            preset.env_id,
+            "yes" if preset.tuned else "no",
+            "-" if target is None else f"{target:g}",
+            measured,
+            _shipped_score(agent_dir(preset.env_id, root) / RESULTS_FILE, preset.env_id),
+        )
+    Console().print(table)
+
+
+def _shipped_score(path: Path, env_id: str) -> str:
+    if not path.is_file():
+        return "-"
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        if r.get("env_id", env_id) != env_id:
+            return "wrong env"
+        solved = {True: " solved", False: " not solved"}.get(r.get("solved"), "")
+        return f"{r['mean']:.1f} +/- {r['std']:.1f} ({r['episodes']} ep.){solved}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable"
+
+
+# --------------------------------------------------------------------------------------------
+# plot
+
+
+@app.command()
+@_friendly
+def plot(
+    agents: Annotated[
+        list[str], typer.Argument(help="Agent directories (or env ids under the agents root).")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="PNG to write (default plots/NAME.png).")
+    ] = None,
+    agents_dir: Annotated[
+        Path | None, typer.Option(help=f"Agents root for env ids (default ${AGENTS_DIR_ENV} or agents).")
+    ] = None,
+) -> None:
+    """Plot learning curves (fitness and eval return vs env steps and wall time) to a PNG."""
+    from eggroll_rl.agents import load_agent, resolve_agent
+    from eggroll_rl.plotting import plot_learning_curves
+
+    root = agents_dir if agents_dir is not None else _agents_root()
+    loaded = [load_agent(resolve_agent(a, root)) for a in agents]
+    if output is None:
+        name = loaded[0].env_id.replace("/", "__") if len(loaded) == 1 else "comparison"
+        output = Path("plots") / f"{name}.png"
+    try:
+        path = plot_learning_curves(loaded, output)
+    except ImportError:
+        raise MissingDependency(
+            "plot needs matplotlib, which is not installed: pip install 'eggroll-rl[plot]'"
+        ) from None
+    print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line (``eggroll-rl``); exit 2 with one line on any usage error."""
+    try:
+        code = app(args=argv, prog_name="eggroll-rl", standalone_mode=False)
+    except UsageError as exc:
+        hint = f" (see eggroll-rl {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.parent else ""
+        if exc.ctx is not None and not exc.ctx.parent:
+            hint = " (see eggroll-rl --help)"
+        raise SystemExit(_fail(exc.format_message() + hint).exit_code) from None
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

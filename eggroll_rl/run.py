@@ -1,0 +1,578 @@
+"""One training run from a preset: train, evaluate, stop at the target, checkpoint, resume, save.
+
+This is what ``eggroll-rl train`` runs, as a library function the CLI, benchmarks and scripts share::
+
+    from eggroll_rl.presets import load_preset
+    from eggroll_rl.run import train
+
+    result = train(load_preset("CartPole-v1"), out="agents")
+    print(result.results["mean"], result.directory)
+
+A run steps the trainer generation by generation. Every ``eval.every`` generations it evaluates
+the center policy on fresh episodes (seeds derived from the run seed and the generation, under
+the env's own time limit) and stops once the mean reaches the target (the preset's, else the env
+spec's ``reward_threshold``). Every ``run.checkpoint_every`` generations, and whenever it stops,
+it writes a checkpoint (the full trainer state plus the run's own rows) into the agent directory;
+``resume=True`` continues from it exactly: the resumed run's parameters and history equal an
+uninterrupted run's. At the end it evaluates the center once more (unless the last periodic
+evaluation was of this very center) and writes the agent atomically.
+
+Ctrl-C (SIGINT) asks the run to stop after the current generation: it then checkpoints, evaluates
+and saves like any other stop. A second Ctrl-C aborts at once, keeping the last checkpoint. A
+``KeyboardInterrupt`` raised between generations (e.g. by ``callback``) counts as the first kind.
+
+Under ``torch.distributed`` (``--nproc``, torchrun) every rank runs this same function; rank 0
+alone evaluates, prints and writes, and its stop decision is broadcast so all ranks stop together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from eggroll_rl.agents import (
+    AgentError,
+    agent_dir,
+    checkpoint_path,
+    load_checkpoint,
+    make_results,
+    save_agent,
+    save_checkpoint,
+)
+from eggroll_rl.presets import Preset, apply_overrides
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "TIMING_COLUMNS",
+    "Progress",
+    "RunError",
+    "RunInfo",
+    "RunInterrupted",
+    "RunResult",
+    "build_trainer",
+    "resolve_device",
+    "resolve_target",
+    "resume_preset",
+    "train",
+    "train_worker",
+]
+
+# Keys a resumed run may change: budgets and bookkeeping. Anything else would make the resumed run
+# differ from the one the checkpoint belongs to.
+RESUMABLE_KEYS = frozenset(
+    {"trainer.generations", "run.max_seconds", "run.checkpoint_every", "run.device", "eval.stop_on_target"}
+)
+# History columns that measure this machine's speed, not the run's state; they legitimately
+# differ between a resumed and an uninterrupted run.
+TIMING_COLUMNS = ("time", "generation_seconds", "steps_per_second")
+_EVAL_SEED_DOMAIN = 0x0E7A1
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue as asked; the message is one readable line."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C stopped the run mid-generation; nothing new was saved."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a progress display needs to know when the run starts."""
+
+    env_id: str
+    algorithm: str
+    population: int
+    generations: int  # the budget
+    start_generation: int  # > 0 when resumed
+    target: float | None
+    device: str
+    world_size: int
+    directory: Path
+    max_seconds: float | None
+
+
+@dataclass
+class RunResult:
+    """How a run ended and where it wrote its agent."""
+
+    directory: Path
+    checkpoint: Path
+    results: dict[str, Any]
+    stopped: str  # "target", "generations", "time", "callback" or "interrupted"
+    generations: int
+    env_steps: int
+    seconds: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Progress(Protocol):
+    """Receives the run's events on rank 0 (see ``eggroll_rl.progress`` for the displays)."""
+
+    def start(self, info: RunInfo) -> None:
+        """Begin displaying a run."""
+
+    def update(self, row: Mapping[str, Any]) -> None:
+        """Show one finished generation (``eval_mean`` is set on evaluation generations)."""
+
+    def message(self, text: str) -> None:
+        """Show one line of text."""
+
+    def close(self) -> None:
+        """Finish the display."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def resolve_target(preset: Preset) -> float | None:
+    """Return the preset's target, else the env spec's reward_threshold (None: no target)."""
+    if preset.target is not None:
+        return float(preset.target)
+    import gymnasium as gym
+
+    try:
+        threshold = gym.spec(preset.env_id).reward_threshold
+    except gym.error.Error:
+        return None
+    return None if threshold is None else float(threshold)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``auto``/``cpu``/``cuda`` into a device; raise RunError when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def _schedule(value: float, decay: float) -> float | Callable[[int], float]:
+    # A plain float keeps the trainer's constant fast path when there is no decay.
+    return value if decay == 1.0 else (lambda g: value * decay**g)
+
+
+def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
+    """Build the policy, the rollout fitness and the trainer a preset describes; return the trainer."""
+    import gymnasium as gym
+
+    from eggroll_rl.core import EGGROLLTrainer, VanillaESTrainer
+    from eggroll_rl.policies import make_policy
+    from eggroll_rl.rollout import RolloutFitness
+
+    t, r, pol = preset.trainer, preset.rollout, preset.policy
+    probe = gym.make(preset.env_id)
+    try:
+        obs_space, act_space = probe.observation_space, probe.action_space
+    finally:
+        probe.close()
+    # Seed the initial weights from the run seed so a run is reproducible from its config alone.
+    torch.manual_seed(t.seed)
+    policy = make_policy(obs_space, act_space, **dataclasses.asdict(pol)).to(device)
+    fitness = RolloutFitness(
+        preset.env_id,
+        episodes_per_member=r.episodes_per_member,
+        max_episode_steps=r.max_episode_steps,
+        seed=t.seed,
+        backend=r.backend,
+        obs_norm=pol.normalize_obs,
+    )
+    common = dict(
+        learning_rate=_schedule(t.lr, t.lr_decay),
+        sigma=_schedule(t.sigma, t.sigma_decay),
+        noise_reuse=t.noise_reuse,
+        group_size=t.group_size,
+        fitness_shaping=t.fitness_shaping,
+        seed=t.seed,
+        optimizer=t.optimizer,
+        optimizer_kwargs={"weight_decay": t.weight_decay} if t.weight_decay else None,
+        device=device,
+    )
+    if t.algorithm == "vanilla":
+        return VanillaESTrainer(policy, fitness, t.population, **common)
+    return EGGROLLTrainer(
+        policy, fitness, t.population, rank=t.rank, freeze_nonlora=t.freeze_nonlora, **common
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+
+
+def resume_preset(
+    env_id: str,
+    out: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> Preset:
+    """Return the preset of the checkpointed run for ``env_id`` under ``out``, with budget overrides.
+
+    Only :data:`RESUMABLE_KEYS` may change; anything else raises RunError naming the key.
+    """
+    path = checkpoint_path(agent_dir(env_id, out))
+    state = load_checkpoint(path)
+    config = state.get("run", {}).get("config") if isinstance(state.get("run"), dict) else None
+    if not isinstance(config, dict):
+        raise AgentError(f"{path}: checkpoint holds no run config; it was not written by `eggroll-rl train`")
+    if config.get("env_id") != env_id:
+        raise AgentError(f"{path}: checkpoint is for {config.get('env_id')}, not {env_id}")
+    base = Preset.from_dict(config, origin=str(path))
+    source = config.get("preset")
+    base = dataclasses.replace(
+        base,
+        source=Path(source) if isinstance(source, str) else None,
+        overridden=tuple(config.get("overrides") or ()),
+    )
+    preset = base
+    if overrides:
+        preset = apply_overrides(preset, overrides)
+    if sets:
+        preset = apply_overrides(preset, list(sets))
+    old, new = base.flat(), preset.flat()
+    changed = [k for k in new if k in old and new[k] != old[k] and not k.startswith("measured.")]
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        raise RunError(
+            f"--resume continues the checkpointed run, so {', '.join(refused)} cannot change "
+            f"(may change: {', '.join(sorted(RESUMABLE_KEYS))})"
+        )
+    return preset
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+class _StopRequest:
+    """First SIGINT: ask the loop to stop after this generation; a second one: abort at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _StopRequest:
+        # Signal handlers can only be installed from the main thread; elsewhere Ctrl-C stays a
+        # plain KeyboardInterrupt, which the loop still handles between generations.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _eval_seed(seed: int, generation: int) -> int:
+    from eggroll_rl.rollout import derive_seed
+
+    return derive_seed(_EVAL_SEED_DOMAIN, seed, generation)
+
+
+def _evaluate_center(trainer: Any, preset: Preset) -> Any:
+    from eggroll_rl.rollout import evaluate
+
+    policy = trainer.get_center_model()
+    policy.eval()
+    # The env's own time limit, not the training cap: the solved test is the standard one.
+    return evaluate(
+        policy,
+        preset.env_id,
+        episodes=preset.eval.episodes,
+        seed=_eval_seed(preset.trainer.seed, trainer.generation),
+        backend=preset.rollout.backend,
+    )
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def train(
+    preset: Preset,
+    out: str | Path = "agents",
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+) -> RunResult:
+    """Run training as ``preset`` describes and save the agent under ``out``; return how it ended.
+
+    ``callback(row)`` runs after every generation (on every rank); returning True stops the run.
+    ``resume`` continues from ``out``'s checkpoint for this env (the preset must match it; see
+    :func:`resume_preset`). Raises :class:`RunInterrupted` on a second Ctrl-C.
+    """
+    from eggroll_rl.distributed import World
+
+    preset = preset.validate()
+    directory = agent_dir(preset.env_id, out)
+    ckpt_file = checkpoint_path(directory)
+    device = resolve_device(preset.run.device)
+    target = resolve_target(preset)
+    trainer = build_trainer(preset, device)
+    world: World = trainer.world
+    say: Callable[[str], None] = progress.message if (progress is not None and world.is_main) else _quiet
+
+    rows: list[dict[str, Any]] = []
+    elapsed_before = 0.0
+    eval_steps = 0
+    if resume:
+        state = load_checkpoint(ckpt_file, map_location="cpu")
+        run_state = state.get("run", {})
+        try:
+            trainer.load_state_dict(state["trainer"])
+        except (KeyError, ValueError) as exc:
+            raise AgentError(f"{ckpt_file}: does not match this run's configuration ({exc})") from None
+        rows = [dict(r) for r in run_state.get("rows", [])]
+        elapsed_before = float(run_state.get("elapsed", 0.0))
+        eval_steps = int(run_state.get("eval_env_steps", 0))
+    elif ckpt_file.exists():
+        say(f"note: starting afresh; {ckpt_file} will be replaced (use --resume to continue it)")
+
+    budget = preset.trainer.generations
+    if trainer.generation >= budget:
+        raise RunError(
+            f"the checkpoint is already at generation {trainer.generation} of a {budget}-generation "
+            "budget; pass a larger --generations to continue"
+        )
+    config = preset.to_config()
+    fitness = trainer.fitness_fn
+    every, ckpt_every = preset.eval.every, preset.run.checkpoint_every
+    max_seconds = preset.run.max_seconds
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_file,
+            {
+                "trainer": trainer.state_dict(),
+                "run": {
+                    "config": config,
+                    "rows": rows,
+                    "elapsed": elapsed,
+                    "eval_env_steps": eval_steps,
+                    "world_size": world.size,
+                },
+            },
+        )
+
+    if progress is not None and world.is_main:
+        progress.start(
+            RunInfo(
+                env_id=preset.env_id,
+                algorithm=preset.trainer.algorithm,
+                population=preset.trainer.population,
+                generations=budget,
+                start_generation=trainer.generation,
+                target=target,
+                device=str(device),
+                world_size=world.size,
+                directory=directory,
+                max_seconds=max_seconds,
+            )
+        )
+
+    last_eval: tuple[int, Any] | None = None  # (generation, EvalResult) of the latest evaluation
+    stopped = "generations"
+    elapsed = elapsed_before
+    t_start = time.perf_counter()
+    try:
+        with _StopRequest() as stop:
+            # False from the start of a generation until its row is recorded: an exception in
+            # between leaves trainer and rows out of step, so nothing may be saved from them.
+            consistent = True
+            try:
+                while trainer.generation < budget:
+                    consistent = False
+                    stats = trainer.step()
+                    gen = trainer.generation
+                    elapsed = elapsed_before + time.perf_counter() - t_start
+                    steps = int(getattr(fitness, "total_env_steps", 0))
+                    row: dict[str, Any] = {
+                        "generation": gen,
+                        "env_steps": steps,
+                        "time": elapsed,
+                        "mean_fitness": stats["mean_fitness"],
+                        "best_fitness": stats["fitness"],
+                        "best_ever": stats["best_fitness"],
+                        "std_fitness": stats["std_fitness"],
+                        "sigma": stats["sigma"],
+                        "learning_rate": stats["learning_rate"],
+                        "episode_length": stats.get("episode_length_mean"),
+                        "generation_seconds": stats["time"],
+                        "steps_per_second": stats.get("env_steps", 0.0) / max(stats["time"], 1e-9),
+                        "eval_mean": None,
+                        "eval_std": None,
+                    }
+
+                    def decide(gen: int = gen) -> dict[str, Any]:
+                        nonlocal last_eval
+                        decision: dict[str, Any] = {"stop": None}
+                        if every and gen % every == 0:
+                            result = _evaluate_center(trainer, preset)
+                            decision["eval"] = (result.mean, result.std, int(result.lengths.sum()))
+                            last_eval = (gen, result)
+                            if target is not None and preset.eval.stop_on_target and result.mean >= target:
+                                decision["stop"] = "target"
+                        now = elapsed_before + time.perf_counter() - t_start
+                        if decision["stop"] is None and max_seconds is not None and now >= max_seconds:
+                            decision["stop"] = "time"
+                        if decision["stop"] is None and stop.requested:
+                            decision["stop"] = "interrupted"
+                        return decision
+
+                    # Rank 0 decides (it alone evaluates, and its clock and Ctrl-C count), so
+                    # every rank stops at the same generation.
+                    decision = world.on_main(decide)
+                    if world.size > 1:
+                        decision = world.broadcast_object(decision)
+                    if "eval" in decision:
+                        row["eval_mean"], row["eval_std"], n = decision["eval"]
+                        eval_steps += n
+                    elapsed = elapsed_before + time.perf_counter() - t_start
+                    rows.append(row)
+                    consistent = True
+                    if world.is_main and progress is not None:
+                        progress.update(row)
+                    if callback is not None and callback(dict(row)) is True and decision["stop"] is None:
+                        decision["stop"] = "callback"
+                    if decision["stop"] is not None:
+                        stopped = decision["stop"]
+                        break
+                    if ckpt_every and gen % ckpt_every == 0:
+                        world.on_main(checkpoint)
+            except KeyboardInterrupt:
+                if not consistent:
+                    # Mid-generation the trainer may be half-updated: keep the last checkpoint.
+                    raise
+                stopped = "interrupted"
+            # The final saves run with Ctrl-C still deferred, so they are never cut in half.
+            world.on_main(checkpoint)
+            if stopped == "interrupted":
+                say(f"Interrupted at generation {trainer.generation}: checkpoint saved to {ckpt_file}")
+            results = world.on_main(
+                _finish,
+                trainer,
+                preset,
+                rows,
+                last_eval,
+                target,
+                elapsed,
+                eval_steps,
+                stopped,
+                directory,
+                say,
+            )
+    except KeyboardInterrupt:
+        last = _checkpoint_generation(ckpt_file)
+        where = f"the checkpoint at generation {last} is intact" if last is not None else "no checkpoint yet"
+        raise RunInterrupted(f"interrupted mid-generation: stopped without saving; {where}") from None
+    finally:
+        close = getattr(fitness, "close", None)
+        if close is not None:
+            close()
+        if progress is not None and world.is_main:
+            progress.close()
+    return RunResult(
+        directory=directory,
+        checkpoint=ckpt_file,
+        results=results or {},
+        stopped=stopped,
+        generations=trainer.generation,
+        env_steps=int(getattr(fitness, "total_env_steps", 0)),
+        seconds=elapsed,
+        rows=rows,
+    )
+
+
+def _quiet(text: str) -> None:
+    pass
+
+
+def _checkpoint_generation(path: Path) -> int | None:
+    try:
+        return int(load_checkpoint(path)["trainer"]["generation"])
+    except (AgentError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _finish(
+    trainer: Any,
+    preset: Preset,
+    rows: list[dict[str, Any]],
+    last_eval: tuple[int, Any] | None,
+    target: float | None,
+    elapsed: float,
+    eval_steps: int,
+    stopped: str,
+    directory: Path,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Evaluate the final center (unless just done) and write the agent; return its results."""
+    gen = trainer.generation
+    if last_eval is not None and last_eval[0] == gen:
+        result = last_eval[1]
+    else:
+        say(f"Evaluating the final policy on {preset.eval.episodes} episodes...")
+        result = _evaluate_center(trainer, preset)
+        eval_steps += int(result.lengths.sum())
+    # The final evaluation goes into the agent's history only, not the checkpoint's rows: a run
+    # resumed from here must record exactly what an uninterrupted run records.
+    history = [dict(r) for r in rows]
+    if history and history[-1]["generation"] == gen:
+        history[-1]["eval_mean"], history[-1]["eval_std"] = result.mean, result.std
+    results = make_results(
+        preset.env_id,
+        result.returns.tolist(),
+        target=target,
+        env_steps=int(getattr(trainer.fitness_fn, "total_env_steps", 0)),
+        generations=gen,
+        seconds=elapsed,
+        seed=preset.trainer.seed,
+        stopped=stopped,
+        eval_seed=_eval_seed(preset.trainer.seed, gen),
+        eval_length_mean=_finite(result.length_mean),
+        eval_env_steps=eval_steps,
+        world_size=trainer.world.size,
+        device=str(trainer.device),
+    )
+    save_agent(
+        directory,
+        policy=trainer.get_center_model(),
+        config=preset.to_config(),
+        history=history,
+        results=results,
+    )
+    return results
+
+
+def train_worker(
+    preset: Preset,
+    out: str,
+    resume: bool = False,
+    progress: str = "none",
+) -> RunResult:
+    """Run :func:`train` in a launched process (``--nproc``); ``progress`` names the display."""
+    from eggroll_rl.distributed import World
+
+    display = None
+    if World.current().is_main:
+        from eggroll_rl.progress import make_progress
+
+        display = make_progress(progress)
+    return train(preset, out, resume=resume, progress=display)
