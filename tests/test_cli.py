@@ -1,0 +1,345 @@
+"""The command line: train end to end, eval --record, exact resume, Ctrl-C, envs, plot, bad input.
+
+Commands run in-process through ``eggroll_rl.cli.main`` (the installed entry point) with their
+output captured, except one subprocess check of ``python -m eggroll_rl``. Every test works in a
+temporary directory; nothing touches the repository's agents/ or videos/.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eggroll_rl.agents import load_agent, load_checkpoint, load_policy
+from eggroll_rl.cli import main
+from eggroll_rl.presets import load_preset
+from eggroll_rl.rollout import evaluate
+from eggroll_rl.run import TIMING_COLUMNS, RunInterrupted, train
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small, quick CartPole run: evaluations every 2 generations on 5 episodes.
+SMALL = ["--population", "16", "--set", "eval.every=2", "--set", "eval.episodes=5"]
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``eggroll-rl ARGS`` in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EGGROLL_RL_AGENTS_DIR", str(tmp_path / "agents"))
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables: no truncated cells
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Train CartPole-v1 from its preset to the target (about 25 generations, ~2 s)."""
+    out = tmp_path_factory.mktemp("trained") / "agents"
+    # capsys is function-scoped, so this module-wide run captures its own output.
+    buf = StringIO()
+    with redirect_stdout(buf), redirect_stderr(buf), pytest.raises(SystemExit) as exc:
+        main(["train", "CartPole-v1", "--out", str(out), "--generations", "60", "--no-progress"])
+    assert exc.value.code == 0, buf.getvalue()
+    return out / "CartPole-v1", buf.getvalue()
+
+
+def test_train_cartpole_end_to_end_writes_an_honest_agent(trained: tuple[Path, str]) -> None:
+    directory, output = trained
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "history.csv",
+        "policy.safetensors",
+        "results.json",
+    ]
+    results = json.loads((directory / "results.json").read_text())
+    config = json.loads((directory / "config.json").read_text())
+    with open(directory / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+
+    assert config["env_id"] == "CartPole-v1" and config["preset"] == "CartPole-v1.toml"
+    assert config["trainer"]["generations"] == 60 and "trainer.generations" in config["overrides"]
+    assert results["stopped"] == "target" and results["solved"] is True
+    assert results["episodes"] == load_preset("CartPole-v1").eval.episodes == 100
+    assert results["mean"] >= results["target"] == 475.0
+    # The numbers are the run's own: steps and generations match the history's last row, and
+    # re-evaluating the saved policy with the recorded seed reproduces the recorded returns.
+    assert results["generations"] == len(rows) == int(rows[-1]["generation"]) < 60
+    assert results["env_steps"] == int(rows[-1]["env_steps"]) > 0
+    assert 0 < results["seconds"] == pytest.approx(float(rows[-1]["time"]), abs=0.5)
+    assert float(rows[-1]["eval_mean"]) == results["mean"]
+    again = evaluate(load_policy(directory), "CartPole-v1", episodes=100, seed=results["eval_seed"])
+    assert again.mean == results["mean"] and again.std == pytest.approx(results["std"])
+    evaluated = [r for r in rows if r["eval_mean"]]
+    assert [int(r["generation"]) for r in evaluated] == list(range(5, len(rows) + 1, 5))
+    assert "CartPole-v1: " in output and "solved (target 475)" in output and "Traceback" not in output
+    assert load_checkpoint(directory / "checkpoint.pt")["trainer"]["generation"] == len(rows)
+
+
+def test_eval_prints_score_and_records_a_decodable_mp4(
+    trained: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(trained[0], tmp_path / "agents" / "CartPole-v1")
+    code, out, err = cli(capsys, "eval", "--record", "--episodes", "3")  # no argument: the latest agent
+    assert code == 0, err
+    assert "over 3 episodes" in out and "solved: yes (target 475)" in out
+    video = tmp_path / "videos" / "CartPole-v1" / "CartPole-v1-seed0.mp4"
+    assert f"to {Path('videos') / 'CartPole-v1' / 'CartPole-v1-seed0.mp4'}" in out
+    import imageio.v3 as iio
+
+    frames = sum(1 for _ in iio.imiter(video))
+    assert frames > 0
+    assert not [p for p in video.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+    code, out, _ = cli(capsys, "eval", "CartPole-v1", "--episodes", "2", "--seed", "5")
+    assert code == 0 and "over 2 episodes" in out
+
+
+def test_resume_continues_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli(capsys, "train", "CartPole-v1", "--out", whole, "--generations", "4", *SMALL)[0] == 0
+    assert cli(capsys, "train", "CartPole-v1", "--out", split, "--generations", "2", *SMALL)[0] == 0
+    code, out, err = cli(capsys, "train", "CartPole-v1", "--out", split, "--resume", "--generations", "4")
+    assert code == 0, err
+    assert "resumed at generation 2" in out
+
+    a, b = whole / "CartPole-v1", split / "CartPole-v1"
+    wa, wb = load_file(a / "policy.safetensors"), load_file(b / "policy.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert torch.equal(ca["trainer"]["center"], cb["trainer"]["center"])
+    assert ca["trainer"]["optimizer"]["state"][0]["exp_avg"].equal(
+        cb["trainer"]["optimizer"]["state"][0]["exp_avg"]
+    )
+
+    def untimed(path: Path) -> list[dict[str, str]]:
+        with open(path, newline="") as fh:
+            return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(fh)]
+
+    assert untimed(a / "history.csv") == untimed(b / "history.csv")
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for key in ("mean", "std", "episodes", "env_steps", "generations", "eval_seed"):
+        assert ra[key] == rb[key], key
+    assert (
+        json.loads((a / "config.json").read_text())["trainer"]
+        == json.loads((b / "config.json").read_text())["trainer"]
+    )
+
+    # A resumed run may extend its budget, but not change what it is.
+    code, _, err = cli(capsys, "train", "CartPole-v1", "--out", split, "--resume", "--population", "32")
+    assert code == 2 and "trainer.population cannot change" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_saves_a_valid_agent_and_checkpoint_then_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eggroll_rl import progress
+
+    shown = progress.LogProgress.update
+
+    def press_ctrl_c_at_generation_3(self, row):
+        shown(self, row)
+        if row["generation"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, as from the terminal
+
+    monkeypatch.setattr(progress.LogProgress, "update", press_ctrl_c_at_generation_3)
+    out_dir = tmp_path / "runs"
+    code, out, err = cli(capsys, "train", "CartPole-v1", "--out", out_dir, "--generations", "10", *SMALL)
+    assert code == 130, err
+    assert "Interrupted at generation 4" in out and "--resume" in out and "Traceback" not in out + err
+    directory = out_dir / "CartPole-v1"
+    agent = load_agent(directory, "CartPole-v1")
+    assert agent.results["stopped"] == "interrupted" and agent.results["generations"] == 4
+    assert agent.results["episodes"] == 5
+    assert load_checkpoint(directory / "checkpoint.pt")["trainer"]["generation"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    monkeypatch.setattr(progress.LogProgress, "update", shown)
+    code, out, err = cli(capsys, "train", "CartPole-v1", "--out", out_dir, "--resume", "--generations", "6")
+    assert code == 0, err
+    assert load_agent(directory).results["generations"] == 6
+
+
+def test_library_run_interrupts_between_and_within_generations(tmp_path: Path) -> None:
+    from eggroll_rl.presets import apply_overrides
+
+    preset = apply_overrides(
+        load_preset("CartPole-v1"),
+        {"population": 16, "generations": 8, "eval.every": 0, "eval.episodes": 3, "checkpoint_every": 2},
+    )
+
+    def stop_at_3(row):
+        if row["generation"] == 3:
+            raise KeyboardInterrupt  # between generations: a clean stop
+
+    result = train(preset, tmp_path / "a", callback=stop_at_3)
+    assert result.stopped == "interrupted" and result.generations == 3
+    assert load_agent(result.directory).results["generations"] == 3
+
+    # Within a generation the trainer may be half-updated: nothing new is saved, the last
+    # periodic checkpoint (generation 2) stays, and the old agent is untouched.
+    calls = {"n": 0}
+    from eggroll_rl.rollout import RolloutFitness
+
+    original = RolloutFitness.__call__
+
+    def interrupted_rollout(self, population):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, population)
+
+    before = (result.directory / "policy.safetensors").read_bytes()
+    try:
+        RolloutFitness.__call__ = interrupted_rollout
+        with pytest.raises(RunInterrupted, match="checkpoint at generation 2 is intact"):
+            train(preset, tmp_path / "a")
+    finally:
+        RolloutFitness.__call__ = original
+    assert (result.directory / "policy.safetensors").read_bytes() == before
+    assert load_checkpoint(result.checkpoint)["trainer"]["generation"] == 2
+
+
+def test_envs_table_and_plot(
+    trained: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(trained[0], tmp_path / "agents" / "CartPole-v1")
+    code, out, err = cli(capsys, "envs")
+    assert code == 0, err
+    score = json.loads((trained[0] / "results.json").read_text())["mean"]
+    line = next(row for row in out.splitlines() if "CartPole-v1" in row)
+    assert "475" in line and f"{score:.1f} +/- " in line and "solved" in line
+    for env_id in ("Acrobot-v1", "Pendulum-v1", "MountainCarContinuous-v0", "LunarLander-v3"):
+        assert env_id in out
+
+    code, out, err = cli(capsys, "plot", "CartPole-v1", "-o", tmp_path / "curve.png")
+    assert code == 0, err
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_preset_is_announced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(
+        capsys,
+        "train",
+        "MountainCar-v0",
+        "--out",
+        tmp_path / "runs",
+        "--generations",
+        "1",
+        "--population",
+        "4",
+        "--set",
+        "eval.episodes=1",
+        "--set",
+        "hidden_sizes=8",
+    )
+    assert code == 0, err
+    assert "No preset for MountainCar-v0" in out and "[trainer]" in out and "population = 4" in out
+    assert load_agent(tmp_path / "runs" / "MountainCar-v0").results["solved"] is False
+
+
+@pytest.fixture
+def bad_agents(trained: tuple[Path, str], tmp_path: Path) -> Path:
+    """An agents root with a good agent, one for the wrong env, and corrupt ones."""
+    root = tmp_path / "agents"
+    shutil.copytree(trained[0], root / "CartPole-v1")
+    shutil.copytree(trained[0], root / "Acrobot-v1")  # a CartPole agent filed under Acrobot
+    shutil.copytree(trained[0], root / "corrupt-weights")
+    (root / "corrupt-weights" / "policy.safetensors").write_bytes(b"not safetensors at all")
+    shutil.copytree(trained[0], root / "corrupt-config")
+    (root / "corrupt-config" / "config.json").write_text("{ nope")
+    (root / "empty").mkdir()
+    return root
+
+
+BAD_INPUTS = {
+    "unknown env id": (["train", "CartPol-v1"], "did you mean CartPole-v1"),
+    "unknown env id for eval": (["eval", "CartPol-v1"], "did you mean CartPole-v1"),
+    "missing agent": (["eval", "Pendulum-v1"], "no agent for Pendulum-v1"),
+    "missing agent dir files": (["eval", "{root}/empty"], "config.json: missing"),
+    "corrupt weights": (["eval", "{root}/corrupt-weights"], "not a valid safetensors file"),
+    "corrupt config": (["eval", "{root}/corrupt-config"], "invalid JSON"),
+    "agent for another env": (["eval", "Acrobot-v1"], "trained on CartPole-v1, not Acrobot-v1"),
+    "unknown --set key": (
+        ["train", "CartPole-v1", "--set", "trainer.sigmaa=1"],
+        "did you mean trainer.sigma",
+    ),
+    "--set without =": (["train", "CartPole-v1", "--set", "sigma"], "not key=value"),
+    "invalid --set value": (["train", "CartPole-v1", "--set", "sigma=-1"], "trainer.sigma: must be > 0"),
+    "invalid --set type": (["train", "CartPole-v1", "--set", "population=many"], "trainer.population"),
+    "invalid flag value": (["train", "CartPole-v1", "--population", "1"], "must be >= 2"),
+    "invalid device": (["train", "CartPole-v1", "--device", "gpu"], "run.device"),
+    "invalid trainer": (["train", "CartPole-v1", "--trainer", "eggrol"], "did you mean eggroll"),
+    "resume without checkpoint": (["train", "CartPole-v1", "--out", "nowhere", "--resume"], "no checkpoint"),
+    "usage: not a number": (["train", "CartPole-v1", "--population", "abc"], "--population"),
+    "usage: missing argument": (["train"], "Missing argument 'ENV_ID'"),
+    "usage: unknown option": (["train", "CartPole-v1", "--bogus"], "No such option: --bogus"),
+    "usage: unknown command": (["trian"], "No such command 'trian'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(
+    case: str, bad_agents: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, expected = BAD_INPUTS[case]
+    code, out, err = cli(capsys, *(a.format(root=bad_agents) for a in args))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0]
+    assert "Traceback" not in out + err
+
+
+def test_missing_matplotlib_names_the_extra(
+    trained: tuple[Path, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    code, _, err = cli(capsys, "plot", trained[0])
+    assert code == 2 and err.count("\n") == 1
+    assert "pip install 'eggroll-rl[plot]'" in err
+
+
+def test_cuda_requested_without_cuda(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = cli(capsys, "train", "CartPole-v1", "--out", tmp_path, "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err and err.count("\n") == 1
+
+
+def test_python_dash_m_entry_point(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run(
+        [sys.executable, "-m", "eggroll_rl", "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert ok.returncode == 0 and "train" in ok.stdout and "eval" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "eggroll_rl", "eval", "NoSuchEnv-v0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
