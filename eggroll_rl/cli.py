@@ -162,7 +162,7 @@ def train(
 def _run_training(preset: Any, root: Path, resume: bool, kind: str, nproc: int) -> Any:
     """Run in this process (or under torchrun), or spawn ``nproc`` local processes."""
     from eggroll_rl.distributed import DistributedError, World
-    from eggroll_rl.run import _StopRequest, train, train_worker
+    from eggroll_rl.run import StopRequest, train, train_worker
 
     if nproc > 1:
         if "RANK" in os.environ:
@@ -172,7 +172,7 @@ def _run_training(preset: Any, root: Path, resume: bool, kind: str, nproc: int) 
         # The children receive the terminal's Ctrl-C themselves and stop after the generation;
         # the launcher only has to survive the first one (a second one stops everything).
         try:
-            with _StopRequest():
+            with StopRequest():
                 return run_distributed(
                     nproc,
                     train_worker,
@@ -257,7 +257,7 @@ def eval_(
             except PresetError as exc:
                 hint = str(exc).partition(";")[2]
                 hint = f";{hint}" if hint else f" (no agent in {root})"
-                raise AgentError(f"{agent}: neither an agent directory nor a known env id{hint}") from None
+                raise AgentError(f"no agent directory {agent}, and it is not a known env id{hint}") from None
         expected = agent
     path = resolve_agent(agent, root)
     loaded = load_agent(path, expected)

@@ -123,10 +123,10 @@ class RichProgress:
         self.progress = Progress(
             TextColumn("[bold]gen"),
             MofNCompleteColumn(),
-            BarColumn(bar_width=24),
+            BarColumn(bar_width=12),
             TextColumn(
                 "mean [cyan]{task.fields[mean]}[/] best [cyan]{task.fields[best]}[/] "
-                "eval [green]{task.fields[eval]}[/] {task.fields[sps]} steps/s"
+                "eval [green]{task.fields[eval]}[/] {task.fields[sps]} st/s"
             ),
             TimeElapsedColumn(),
             TextColumn("ETA"),

@@ -58,6 +58,7 @@ __all__ = [
     "RunInfo",
     "RunInterrupted",
     "RunResult",
+    "StopRequest",
     "build_trainer",
     "resolve_device",
     "resolve_target",
@@ -253,7 +254,7 @@ def resume_preset(
 # The run
 
 
-class _StopRequest:
+class StopRequest:
     """First SIGINT: ask the loop to stop after this generation; a second one: abort at once."""
 
     def __init__(self) -> None:
@@ -261,7 +262,7 @@ class _StopRequest:
         self._previous: Any = None
         self._installed = False
 
-    def __enter__(self) -> _StopRequest:
+    def __enter__(self) -> StopRequest:
         # Signal handlers can only be installed from the main thread; elsewhere Ctrl-C stays a
         # plain KeyboardInterrupt, which the loop still handles between generations.
         if threading.current_thread() is threading.main_thread():
@@ -392,7 +393,7 @@ def train(
     elapsed = elapsed_before
     t_start = time.perf_counter()
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             # False from the start of a generation until its row is recorded: an exception in
             # between leaves trainer and rows out of step, so nothing may be saved from them.
             consistent = True

@@ -343,3 +343,18 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_nproc_2_matches_one_process_and_only_rank_0_talks(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "CartPole-v1", "--generations", "2", *SMALL]
+    assert cli(capfd, *args, "--out", tmp_path / "one")[0] == 0
+    code, out, err = cli(capfd, *args, "--out", tmp_path / "two", "--nproc", "2")
+    assert code == 0, err
+    assert out.count("Training CartPole-v1") == 1 and out.count("Saved the agent") == 1
+    assert "2 processes" in out
+    one, two = (load_file(tmp_path / d / "CartPole-v1" / "policy.safetensors") for d in ("one", "two"))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert load_agent(tmp_path / "two" / "CartPole-v1").results["world_size"] == 2
