@@ -71,8 +71,20 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _agents_root() -> Path:
-    return Path(os.environ.get(AGENTS_DIR_ENV) or "agents")
+def _agents_root(*, reading: bool = False) -> Path:
+    """Return the agents root: $EGGROLL_RL_AGENTS_DIR, else ./agents.
+
+    For reading (eval, envs, plot) a missing ./agents falls back to the agents shipped beside the
+    package in a source checkout, so the shipped agents work from any directory.
+    """
+    configured = os.environ.get(AGENTS_DIR_ENV)
+    if configured:
+        return Path(configured)
+    local = Path("agents")
+    shipped = Path(__file__).resolve().parent.parent / "agents"
+    if reading and not local.is_dir() and shipped.is_dir():
+        return shipped
+    return local
 
 
 def _is_main_process() -> bool:
@@ -248,7 +260,7 @@ def eval_(
     from eggroll_rl.presets import check_env_id
     from eggroll_rl.rollout import evaluate
 
-    root = agents_dir if agents_dir is not None else _agents_root()
+    root = agents_dir if agents_dir is not None else _agents_root(reading=True)
     expected = None
     if agent is not None and not Path(agent).is_dir():
         if agent not in gym.registry and not (root / agent.replace("/", "__")).is_dir():
@@ -308,7 +320,7 @@ def envs(
     from eggroll_rl.presets import list_presets
     from eggroll_rl.run import resolve_target
 
-    root = agents_dir if agents_dir is not None else _agents_root()
+    root = agents_dir if agents_dir is not None else _agents_root(reading=True)
     table = Table(title="eggroll-rl presets (envs/)")
     for name, justify in (
         ("env id", "left"),
@@ -375,7 +387,7 @@ def plot(
     from eggroll_rl.agents import load_agent, resolve_agent
     from eggroll_rl.plotting import plot_learning_curves
 
-    root = agents_dir if agents_dir is not None else _agents_root()
+    root = agents_dir if agents_dir is not None else _agents_root(reading=True)
     loaded = [load_agent(resolve_agent(a, root)) for a in agents]
     if output is None:
         name = loaded[0].env_id.replace("/", "__") if len(loaded) == 1 else "comparison"
