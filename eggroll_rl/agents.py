@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eggroll_rl.atomic import atomic_write_bytes, atomic_write_text, replace_dir
+from eggroll_rl.atomic import atomic_write_bytes, atomic_write_text, make_temp_dir, replace_dir
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -343,7 +342,7 @@ def save_agent(
     }
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.tmp-")
     try:
         for name, data in payload.items():
             if isinstance(data, bytes):

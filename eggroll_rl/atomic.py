@@ -50,6 +50,22 @@ def fsync_dir(directory: PathLike) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """Create a hidden temporary directory in ``parent`` with mkdir's usual permissions."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a swapped-in agent dir must not be private
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success move it over ``path``, on failure delete it.
@@ -62,6 +78,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{dest.stem}.tmp-", suffix=dest.suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like open()'s
     try:
         yield tmp
         # The writer may have closed the file without fsync; reopen to force it to disk.
@@ -157,7 +174,7 @@ def replace_dir(src: PathLike, dest: PathLike, *, before_swap: Callable[[Path], 
         shutil.rmtree(src, ignore_errors=True)
         return
     # A fresh unique name for the old directory while the new one moves in.
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    old = make_temp_dir(dest.parent, f".{dest.name}.old-")
     old.rmdir()
     os.replace(dest, old)
     try:

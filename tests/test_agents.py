@@ -473,3 +473,22 @@ def test_bad_checkpoints(tmp_path: Path, kind: str) -> None:
         load_checkpoint(path)
     assert "checkpoint.pt" in str(info.value)
     assert isinstance(info.value, AgentError) and isinstance(info.value, ValueError)
+
+
+def test_saved_agent_has_ordinary_permissions(tmp_path):
+    """Agents are shared artefacts: the temp-dir swap must not leave them private (0700/0600)."""
+    import os
+    import stat
+
+    from eggroll_rl.atomic import atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    target = tmp_path / "plain.txt"
+    atomic_write_text(target, "x")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    directory = save(tmp_path / ENV)
+    save(tmp_path / ENV, seed=1)  # the replacing swap too
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~mask
+    for path in directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name
