@@ -138,8 +138,10 @@ class LowRankPopulation(Population):
     """EGGROLL members: each ``nn.Linear`` computes ``x W^T + b + (sigma/sqrt r)(x B_i) A_i^T + sigma e_i``.
 
     Per-member weight matrices are never formed: the shared ``x W^T`` is one GEMM for the whole
-    batch and the low-rank term costs ``O(N r (m + n))``. The signed, scaled factors are prepared
-    once per generation so each forward only reads them.
+    batch and the low-rank term costs ``O(N r (m + n))``. Everything per member is prepared once
+    per generation so that each forward only reads it: ``B`` as ``(N, r, n)`` rows, ``A`` signed
+    and scaled by ``sign_i sigma / sqrt(r)`` as ``(N, r, m)``, and the member biases
+    ``b + sign_i sigma e_i`` as one ``(N, m)`` matrix.
     """
 
     def __init__(
@@ -149,7 +151,7 @@ class LowRankPopulation(Population):
         p = perturbations
         draw = p.draw_index[self.indices]
         sign = p.signs[self.indices]
-        self._forwards: list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] = []
+        self._forwards: list[tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]] = []
 
         def member_vector(param: nn.Parameter | None) -> torch.Tensor | None:
             name = param_names.get(param) if param is not None else None
@@ -165,22 +167,26 @@ class LowRankPopulation(Population):
                 if name is not None and name in p.lowrank:
                     a, b = p.factors(name)
                     scale = (sign * p.sigma / math.sqrt(p.rank)).view(-1, 1, 1)
+                    # (N, r, m) and (N, r, n): each member's r factor rows are contiguous.
                     a_t = (a.index_select(0, draw) * scale).transpose(1, 2).contiguous()
-                    factors = (a_t, b.index_select(0, draw))
-                self._forwards.append((mod, _linear(mod.weight, member_vector(mod.bias), factors)))
+                    b_t = b.index_select(0, draw).transpose(1, 2).contiguous()
+                    factors = (a_t, b_t)
+                fwd = _linear(mod.weight, member_vector(mod.bias), factors)
+                self._forwards.append((mod.__dict__, fwd))
             elif type(mod) is nn.LayerNorm and mod.elementwise_affine:
-                self._forwards.append(
-                    (mod, _layer_norm(mod, member_vector(mod.weight), member_vector(mod.bias)))
-                )
+                fwd = _layer_norm(mod, member_vector(mod.weight), member_vector(mod.bias))
+                self._forwards.append((mod.__dict__, fwd))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        for mod, fwd in self._forwards:
-            mod.forward = fwd
+        # Instance attributes shadow the class's forward; writing the instance dicts directly skips
+        # nn.Module.__setattr__/__delattr__ (a few microseconds per module per call).
+        for attrs, fwd in self._forwards:
+            attrs["forward"] = fwd
         try:
             return self.model(x)
         finally:
-            for mod, _ in self._forwards:
-                del mod.forward
+            for attrs, _ in self._forwards:
+                attrs.pop("forward", None)
 
 
 def _linear(
@@ -188,28 +194,55 @@ def _linear(
     bias: torch.Tensor | None,
     factors: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Build the batched forward of one Linear layer: shared GEMM plus per-member low-rank term."""
-    per_member_bias = bias is not None and bias.dim() == 2
-    a_t, b = factors if factors is not None else (None, None)
-    rank1 = a_t is not None and a_t.shape[1] == 1
-    a_vec = a_t.view(a_t.shape[0], -1) if rank1 else None
+    """Build the batched forward of one Linear layer: shared GEMM plus per-member low-rank term.
+
+    ``bias`` is ``(m,)`` (shared) or ``(N, m)`` (one per member); ``factors`` are the signed,
+    scaled ``A`` as ``(N, r, m)`` and ``B`` as ``(N, r, n)``. The per-member part
+    ``bias_i + s_i A_i^T`` (with ``s_i = B_i x_i``) is formed first and the shared GEMM is
+    accumulated into it in place (``addmm_``), so the output is written once, there is no
+    separate copy of the bias into it, and no second pass over it for the low-rank term.
+    """
+    w_t = weight.T
     out_features = weight.shape[0]
+    bias3 = bias.unsqueeze(1) if bias is not None and bias.dim() == 2 else bias
+    if factors is None:
+
+        def dense(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 2:
+                return torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+            y3 = torch.matmul(x3, w_t)
+            if bias is not None:
+                y3 += bias3
+            return y3.view(*x.shape[:-1], out_features)
+
+        return dense
+
+    a_t, b_t = factors
+    rank1 = a_t.shape[1] == 1
+    a_row = a_t.view(a_t.shape[0], -1) if rank1 else None  # (N, m)
+    b_col = b_t.view(b_t.shape[0], -1, 1) if rank1 else None  # (N, n, 1)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if x.dim() == 2:
-            y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
             if rank1:
-                y.addcmul_(torch.bmm(x.unsqueeze(1), b).view(n, 1), a_vec)
-            elif a_t is not None:
-                y.unsqueeze(1).baddbmm_(torch.bmm(x.unsqueeze(1), b), a_t)
-            return y
+                # s_i = x_i . B_i as a batched (1, n) @ (n, 1) product, then bias_i + s_i A_i.
+                s = torch.bmm(x.unsqueeze(1), b_col).view(n, 1)
+                y = torch.addcmul(bias, s, a_row) if bias is not None else a_row * s
+            else:
+                s = torch.bmm(b_t, x.unsqueeze(2)).view(n, 1, -1)  # (N, r, 1) read as (N, 1, r)
+                y = (torch.baddbmm(bias3, s, a_t) if bias is not None else torch.bmm(s, a_t)).view(n, -1)
+            return y.addmm_(x, w_t)
         x3 = x.reshape(n, -1, x.shape[-1])
-        y3 = torch.matmul(x3, weight.T)
-        if bias is not None:
-            y3 += bias.unsqueeze(1) if per_member_bias else bias
-        if a_t is not None:
-            y3.baddbmm_(torch.bmm(x3, b), a_t)
+        k = x3.shape[1]
+        s = torch.bmm(x3, b_t.transpose(1, 2))  # (N, k, r)
+        if rank1:
+            a3 = a_row.unsqueeze(1)
+            y3 = torch.addcmul(bias3, s, a3) if bias is not None else s * a3
+        else:
+            y3 = torch.baddbmm(bias3, s, a_t) if bias is not None else torch.bmm(s, a_t)
+        y3.view(n * k, out_features).addmm_(x3.reshape(n * k, -1), w_t)
         return y3.view(*x.shape[:-1], out_features)
 
     return forward
@@ -229,8 +262,10 @@ def _layer_norm(
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x, shape, None, None, mod.eps)
         w, b = member_view(weight, x), member_view(bias, x)
+        if w is not None and b is not None:
+            return torch.addcmul(b, y, w)
         if w is not None:
-            y = y * w
-        return y + b if b is not None else y
+            return y.mul_(w)
+        return y.add_(b) if b is not None else y
 
     return forward

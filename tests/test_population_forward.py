@@ -1,0 +1,120 @@
+"""EGGROLL's batched population forward == the materialised per-member forward.
+
+Member i's materialised model holds ``center + perturbations[i]`` (for a matrix
+``W + sign_i sigma / sqrt(r) A_i B_i^T``, built densely by ``LowRankPerturbations.__getitem__``);
+the batched forward never forms it. Every kernel variant of ``population._linear`` (rank 1 and
+rank > 1, shared / per-member / no bias, 2-D and (N, k, ..., in) inputs, frozen weights) and the
+LayerNorm forward are checked on random members.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from eggroll_rl import EGGROLLTrainer, batched_fitness
+
+
+@batched_fitness
+def _unused(population):
+    return torch.zeros(len(population))
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    if kind == "nobias":
+        return nn.Sequential(nn.Linear(6, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
+    if kind == "layernorm":
+        return nn.Sequential(
+            nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3, bias=False), nn.LayerNorm(3)
+        )
+    if kind == "ln_noaffine":
+        return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16, elementwise_affine=False), nn.Linear(16, 3))
+    if kind == "ln_nobias":
+        return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16, bias=False), nn.Linear(16, 3))
+    if kind == "frozen_weight":  # a Linear whose weight is not trained: no low-rank factors
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        model[0].weight.requires_grad_(False)
+        return model
+    raise ValueError(kind)
+
+
+def _check(kind: str, rank: int, noise_reuse: int, lead: tuple[int, ...], freeze: bool = False) -> None:
+    n = 8
+    model = _model(kind)
+    trainer = EGGROLLTrainer(
+        model,
+        _unused,
+        population_size=n,
+        sigma=0.3,
+        rank=rank,
+        noise_reuse=noise_reuse,
+        freeze_nonlora=freeze,
+        seed=3,
+    )
+    trainer.generation = 5  # any generation, not just the first
+    perturbations = trainer.sample_perturbations(n)
+    pop = trainer.make_population(perturbations, torch.arange(n))
+    x = torch.randn(n, *lead, 6)
+    batched = pop(x)
+    assert batched.shape == (n, *lead, 3)
+    views = trainer._params.views
+    buffers = dict(model.named_buffers())
+    for i in torch.randperm(n)[:4].tolist():
+        params = views(trainer.current_params + perturbations[i])
+        with torch.no_grad():
+            expected = torch.func.functional_call(model, (params, buffers), (x[i],))
+        torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-5)
+    # the population leaves the model's own forward untouched
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+@pytest.mark.parametrize("noise_reuse", [0, 2])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=["2d", "3d", "4d"])
+def test_mlp_matches_materialised(rank: int, noise_reuse: int, lead: tuple[int, ...]) -> None:
+    _check("mlp", rank, noise_reuse, lead)
+
+
+@pytest.mark.parametrize("kind", ["nobias", "layernorm", "ln_noaffine", "ln_nobias", "frozen_weight"])
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("lead", [(), (5,)], ids=["2d", "3d"])
+def test_module_kinds_match_materialised(kind: str, rank: int, lead: tuple[int, ...]) -> None:
+    _check(kind, rank, 0, lead)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("lead", [(), (5,)], ids=["2d", "3d"])
+def test_freeze_nonlora_shared_bias(rank: int, lead: tuple[int, ...]) -> None:
+    _check("layernorm", rank, 2, lead, freeze=True)
+
+
+def test_forward_with_lowrank_zero_perturbation_is_plain_inference() -> None:
+    """With the noise zeroed the batched forward is exactly the model's own batched forward."""
+    model = _model("mlp")
+    trainer = EGGROLLTrainer(model, _unused, population_size=4, sigma=0.1, rank=1)
+    perturbations = trainer.sample_perturbations(4)
+    perturbations.noise.zero_()
+    pop = trainer.make_population(perturbations, torch.arange(4))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(pop(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_population_subset_of_members() -> None:
+    """A population of some members (one process's share) runs those members' perturbations."""
+    model = _model("mlp")
+    trainer = EGGROLLTrainer(model, _unused, population_size=8, sigma=0.2, rank=2, noise_reuse=2)
+    perturbations = trainer.sample_perturbations(8)
+    indices = torch.tensor([5, 6, 7])
+    pop = trainer.make_population(perturbations, indices)
+    x = torch.randn(3, 6)
+    out = pop(x)
+    for row, i in enumerate(indices.tolist()):
+        params = trainer._params.views(trainer.current_params + perturbations[i])
+        with torch.no_grad():
+            expected = torch.func.functional_call(model, params, (x[row],))
+        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
