@@ -98,7 +98,11 @@ class LowRankPerturbations:
         return out
 
     def contract(self, weights: torch.Tensor) -> torch.Tensor:
-        """Return ``sum_i weights_i * eps_i``; each matrix's part is one ``(m, Nr) @ (Nr, n)`` product."""
+        """Return ``sum_i weights_i * eps_i``; each matrix's part is one ``(m, Nr) @ (Nr, n)`` product.
+
+        For a matrix that is ``sum_j w_j A_j B_j^T / sqrt(r)`` over the draws ``j`` (``w`` folded
+        onto the draws by :func:`per_draw`), computed as a single contraction over ``(j, k)``.
+        """
         w = per_draw(weights, self.signs, self.noise.shape[0])
         out = torch.zeros(self.numel, dtype=self.noise.dtype, device=self.noise.device)
         for s in self.specs:
@@ -107,8 +111,13 @@ class LowRankPerturbations:
             if s.name in self.lowrank:
                 a, b = self.factors(s.name)
                 m, n = s.shape
-                aw = (a * (w / math.sqrt(self.rank)).view(-1, 1, 1)).permute(1, 0, 2).reshape(m, -1)
-                torch.mm(aw, b.permute(0, 2, 1).reshape(-1, n), out=out[s.slice].view(m, n))
+                # (A w) laid out as (draws, r, m) in the pass that scales it, so that both operands
+                # are (draws * r, .) matrices: the product reads them without a transposed copy
+                # (for rank 1, B's rows are read in place from the noise).
+                aw = a.new_empty(a.shape[0], self.rank, m)
+                torch.mul(a.transpose(1, 2), (w / math.sqrt(self.rank)).view(-1, 1, 1), out=aw)
+                rows = b.transpose(1, 2).reshape(-1, n)
+                torch.mm(aw.view(-1, m).T, rows, out=out[s.slice].view(m, n))
             else:
                 torch.mv(self.vector(s.name).T, w, out=out[s.slice])
         return out

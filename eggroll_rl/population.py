@@ -151,25 +151,40 @@ class LowRankPopulation(Population):
         p = perturbations
         draw = p.draw_index[self.indices]
         sign = p.signs[self.indices]
+        n = len(draw)
+        # Every member has its own draw, in order (no noise reuse, all members here): read the
+        # generation's noise rows in place instead of gathering a copy first.
+        identity = n == p.noise.shape[0] and bool((draw == torch.arange(n, device=draw.device)).all())
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if identity else t.index_select(0, draw)
+
         self._forwards: list[tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]] = []
+        bias_coef = (sign * p.sigma).unsqueeze(1)
+        scale = (sign * (p.sigma / math.sqrt(p.rank))).view(-1, 1, 1)
 
         def member_vector(param: nn.Parameter | None) -> torch.Tensor | None:
             name = param_names.get(param) if param is not None else None
             if name is None or name in p.frozen or name not in p._where:
                 return param
-            noise = p.vector(name).index_select(0, draw) * (sign * p.sigma).unsqueeze(1)
-            return noise.view(len(draw), *param.shape).add_(param)
+            # b + sign_i sigma e_i for every member, in one pass over the noise.
+            out = torch.addcmul(param.detach().reshape(-1), rows(p.vector(name)), bias_coef)
+            return out.view(n, *param.shape)
 
         for mod in self.model.modules():
             if type(mod) is nn.Linear:
                 name = param_names.get(mod.weight)
                 factors = None
                 if name is not None and name in p.lowrank:
-                    a, b = p.factors(name)
-                    scale = (sign * p.sigma / math.sqrt(p.rank)).view(-1, 1, 1)
-                    # (N, r, m) and (N, r, n): each member's r factor rows are contiguous.
-                    a_t = (a.index_select(0, draw) * scale).transpose(1, 2).contiguous()
-                    b_t = b.index_select(0, draw).transpose(1, 2).contiguous()
+                    a, b = p.factors(name)  # (draws, m, r), (draws, n, r) views of the noise
+                    m, r = a.shape[1], a.shape[2]
+                    # (N, r, m) and (N, r, n): each member's r factor rows are contiguous. A is
+                    # signed and scaled by sign_i sigma / sqrt(r) in the same pass that lays it out.
+                    a_t = torch.mul(rows(a).transpose(1, 2), scale, out=a.new_empty(n, r, m))
+                    # rank 1: B_i is already one contiguous row of the noise; read it in place.
+                    b_t = rows(b).transpose(1, 2)
+                    if r > 1:
+                        b_t = b_t.contiguous()
                     factors = (a_t, b_t)
                 fwd = _linear(mod.weight, member_vector(mod.bias), factors)
                 self._forwards.append((mod.__dict__, fwd))

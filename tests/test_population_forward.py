@@ -118,3 +118,15 @@ def test_population_subset_of_members() -> None:
         with torch.no_grad():
             expected = torch.func.functional_call(model, params, (x[row],))
         torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+@pytest.mark.parametrize("noise_reuse", [0, 2])
+def test_contract_is_weighted_sum_of_member_directions(rank: int, noise_reuse: int) -> None:
+    """``contract(w) == sum_i w_i p[i] / sigma`` (the update's single low-rank contraction)."""
+    model = _model("layernorm")
+    trainer = EGGROLLTrainer(model, _unused, population_size=8, sigma=0.3, rank=rank, noise_reuse=noise_reuse)
+    perturbations = trainer.sample_perturbations(8)
+    w = torch.randn(8)
+    expected = sum(w[i] * perturbations[i] for i in range(8)) / perturbations.sigma
+    torch.testing.assert_close(perturbations.contract(w), expected, rtol=1e-5, atol=1e-5)
