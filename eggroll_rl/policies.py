@@ -210,8 +210,9 @@ class ObservationNormalizer(nn.Module):
     every member of a generation sees the same normaliser. std = sqrt(max(var, eps)), i.e. `eps`
     floors the variance, and normalised values are clipped to [-clip, clip]. The floor is tiny
     (not OpenAI-ES's 1e-2) because classic-control observations live on small scales: with a
-    1e-2 floor MountainCar's velocity (std ~0.02) would be squashed to a fifth of its range. Everything lives in
-    buffers (no parameters), so a saved state_dict carries it and ES leaves it alone.
+    1e-2 floor MountainCar's velocity (std ~0.02) would be squashed to a fifth of its range.
+    Everything lives in buffers (no parameters), so a saved state_dict carries it and ES leaves it
+    alone.
     """
 
     def __init__(self, dim: int, clip: float = 5.0, eps: float = 1e-8) -> None:

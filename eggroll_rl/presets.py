@@ -120,6 +120,9 @@ class EvalSettings:
     every: int = 10  # generations between evaluations; 0: only after training
     episodes: int = 100  # episodes per evaluation (the solved test averages over these)
     stop_on_target: bool = True  # stop training once an evaluation reaches the target
+    # Also evaluate every generation whose mean training fitness reaches this value: a cheap
+    # signal that the center may be solved, so short runs need not wait for the next `every`.
+    from_fitness: float | None = None
 
 
 @dataclass(frozen=True)

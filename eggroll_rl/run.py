@@ -355,6 +355,7 @@ def train(
     config = preset.to_config()
     fitness = trainer.fitness_fn
     every, ckpt_every = preset.eval.every, preset.run.checkpoint_every
+    eval_from = preset.eval.from_fitness
     max_seconds = preset.run.max_seconds
 
     def checkpoint() -> None:
@@ -421,10 +422,12 @@ def train(
                         "eval_std": None,
                     }
 
-                    def decide(gen: int = gen) -> dict[str, Any]:
+                    def decide(gen: int = gen, stats: dict[str, float] = stats) -> dict[str, Any]:
                         nonlocal last_eval
                         decision: dict[str, Any] = {"stop": None}
-                        if every and gen % every == 0:
+                        if (every and gen % every == 0) or (
+                            eval_from is not None and stats["mean_fitness"] >= eval_from
+                        ):
                             result = _evaluate_center(trainer, preset)
                             decision["eval"] = (result.mean, result.std, int(result.lengths.sum()))
                             last_eval = (gen, result)

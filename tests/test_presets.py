@@ -92,11 +92,11 @@ def test_optional_keys_default_to_none_so_toml_omission_round_trips() -> None:
 
 
 def test_config_round_trip() -> None:
-    preset = apply_overrides(load_preset("CartPole-v1", REPO_ENVS), ["sigma=0.3"])
+    preset = apply_overrides(load_preset("CartPole-v1", REPO_ENVS), ["sigma=0.7", "hidden_sizes=16"])
     config = preset.to_config()
     assert config["preset"] == "CartPole-v1.toml"
-    assert config["overrides"] == ["trainer.sigma"]
-    assert config["policy"] == {"hidden_sizes": [16], "activation": "tanh", "normalize_obs": True}
+    assert config["overrides"] == ["trainer.sigma", "policy.hidden_sizes"]
+    assert config["policy"]["hidden_sizes"] == [16] and config["trainer"]["sigma"] == 0.7
     assert "measured" not in config and config["version"]
     rebuilt = Preset.from_dict(config)
     assert rebuilt.trainer == preset.trainer and rebuilt.policy == preset.policy
