@@ -70,9 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     solve(100, 2, args.overrides)  # warm-up: first-call costs of torch and numpy
     rows = [solve(s, args.max_generations, args.overrides) for s in range(args.seeds)]
-    print(
-        "| seed | solved | seconds | generations | train env steps | eval env steps | evaluations | eval mean |"
-    )
+    print("| seed | solved | seconds | generations | train env steps | eval env steps | evals | eval mean |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
