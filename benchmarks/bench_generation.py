@@ -22,8 +22,8 @@ import random
 import statistics
 
 import torch
-
 from bench_population import _unused_fitness, interleaved, mlp
+
 from eggroll_rl import EGGROLLTrainer
 
 
