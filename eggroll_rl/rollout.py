@@ -260,6 +260,7 @@ class EpisodeBatch:
     env_steps: int  # counted steps (sub-envs inside an episode they are accounting for)
     seconds: float
     observations: torch.Tensor | None  # sampled preprocessed observations, (count, obs_dim)
+    steps: int = 0  # lockstep iterations (vector-env steps)
 
 
 def run_episodes(
@@ -354,7 +355,7 @@ def run_episodes(
             observations = xs[mask]
         else:
             observations = torch.zeros(0, 0)
-    return EpisodeBatch(returns, lengths, int(lengths.sum()), seconds, observations)
+    return EpisodeBatch(returns, lengths, int(lengths.sum()), seconds, observations, t)
 
 
 # -- the rollout fitness ---------------------------------------------------------------------------
@@ -373,7 +374,12 @@ class RolloutFitness(BatchedFitness):
     """
 
     # Per-rank rates add up to the run's throughput; every other stat is already reduced here.
-    stats_reduction: ClassVar[dict[str, str]] = {"steps_per_second": "sum"}
+    stats_reduction: ClassVar[dict[str, str]] = {
+        "steps_per_second": "sum",
+        "episode_length_max": "max",
+        "lockstep_steps": "max",
+        "rollout_seconds": "max",
+    }
 
     def __init__(
         self,
@@ -497,6 +503,10 @@ class RolloutFitness(BatchedFitness):
             "episode_length_mean": steps / episodes,
             "return_mean": float(totals[2]) / episodes,
             "steps_per_second": batch.env_steps / max(batch.seconds, 1e-9),
+            "episode_length_max": float(batch.lengths.max()),
+            # Lockstep iterations: every sub-env steps until the slowest episode ends.
+            "lockstep_steps": float(batch.steps),
+            "rollout_seconds": batch.seconds,
         }
         return fitness
 

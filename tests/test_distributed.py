@@ -26,7 +26,7 @@ import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 # Wall-clock columns (and rates from them) measure each run's own speed, not shared state.
-LOCAL_COLUMNS = {"time", "time_sample", "time_evaluate", "time_update", "steps_per_second"}
+LOCAL_COLUMNS = {"time", "time_sample", "time_evaluate", "time_update", "steps_per_second", "rollout_seconds"}
 
 
 # -- fitness functions and targets run inside the spawned processes --------------------------------

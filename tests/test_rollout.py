@@ -151,6 +151,7 @@ def test_rollout_returns_equal_hand_computed_sums(mode, k):
         assert pop.calls == lengths.max()  # one batched forward per lockstep step
         assert fit.stats["env_steps"] == lengths.sum()
         assert fit.stats["episode_length_mean"] == pytest.approx(lengths.mean())
+        assert fit.stats["episode_length_max"] == fit.stats["lockstep_steps"] == lengths.max()
         assert fit.stats["return_mean"] == pytest.approx(expected.mean())
         assert fit.stats["steps_per_second"] > 0
     first_env = fit.env
@@ -212,7 +213,12 @@ def test_normaliser_sample_is_the_same_when_members_are_split_over_ranks():
     assert 0 < whole.obs_norm.count.item() < 8 * 5  # a sample, not every observation
     for name in ("count", "sum", "sumsq"):
         torch.testing.assert_close(getattr(whole.obs_norm, name), sum(getattr(p, name) for p in parts))
-    assert RolloutFitness.stats_reduction == {"steps_per_second": "sum"}
+    assert RolloutFitness.stats_reduction == {
+        "steps_per_second": "sum",
+        "episode_length_max": "max",
+        "lockstep_steps": "max",
+        "rollout_seconds": "max",
+    }
 
 
 def test_cartpole_reset_shares_start_states_like_the_single_env():
