@@ -466,6 +466,11 @@ class _TableES(ESTrainer):
         self.draws, self.draw_index, self.signs = reuse_pattern(
             self.population_size, self.noise_reuse, self.device
         )
+        self.noise = NoiseTable(self.seed, self._noise_width(), self.device)
+
+    def _noise_width(self) -> int:
+        """Return how many table numbers one draw reads (every parameter, full rank)."""
+        return self._params.numel
 
     def compute_update(self, perturbations: Any, fitnesses: torch.Tensor) -> torch.Tensor:
         """Return ``sum_i f~_i eps_i / (N sigma)`` with ``f~`` the shaped fitness."""
@@ -475,18 +480,6 @@ class _TableES(ESTrainer):
 
 class VanillaESTrainer(_TableES):
     """OpenAI-style ES: every member perturbs every parameter with full-rank Gaussian noise."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        fitness_fn: Callable[..., Any],
-        population_size: int,
-        learning_rate: Schedule = 0.01,
-        sigma: Schedule = 0.1,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, fitness_fn, population_size, learning_rate, sigma, **kwargs)
-        self.noise = NoiseTable(self.seed, self._params.numel, self.device)
 
     def sample_perturbations(self, population_size: int) -> FullRankPerturbations:
         """Return ``p[i] = sign_i * sigma * eps_draw(i)`` with eps a full Gaussian vector."""
@@ -531,10 +524,16 @@ class EGGROLLTrainer(_TableES):
         )
         if self.batched:
             check_lowrank_model(model)
+
+    def _noise_width(self) -> int:
+        """Lay out one draw: ``A`` and ``B`` per matrix, full noise per other (unfrozen) parameter."""
         norm_params = {
-            id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)
+            id(p)
+            for m in self.model.modules()
+            if isinstance(m, nn.LayerNorm)
+            for p in m.parameters(recurse=False)
         }
-        named = dict(model.named_parameters())
+        named = dict(self.model.named_parameters())
         self.param_names = {named[s.name]: s.name for s in self._params.specs}
         lowrank, frozen, sizes = set(), set(), {}
         for s in self._params.specs:
@@ -551,7 +550,7 @@ class EGGROLLTrainer(_TableES):
             raise ValueError("freeze_nonlora=True but the model has no matrix parameters to train")
         self.lowrank, self.frozen = frozenset(lowrank), frozenset(frozen)
         self.layout = NoiseLayout.from_sizes(sizes)
-        self.noise = NoiseTable(self.seed, self.layout.width, self.device)
+        return self.layout.width
 
     def sample_perturbations(self, population_size: int) -> LowRankPerturbations:
         """Return this generation's low-rank factors (one table window per draw)."""
