@@ -29,6 +29,9 @@ from eggroll_rl.presets import PresetError
 __all__ = ["AGENTS_DIR_ENV", "VIDEOS_DIR_ENV", "app", "main"]
 
 AGENTS_DIR_ENV = "EGGROLL_RL_AGENTS_DIR"
+AgentsDir = Annotated[
+    Path | None, typer.Option(help=f"Agents root for env ids (default ${AGENTS_DIR_ENV} or agents).")
+]
 VIDEOS_DIR_ENV = "EGGROLL_RL_VIDEOS_DIR"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -249,9 +252,7 @@ def eval_(
     video_dir: Annotated[
         Path | None, typer.Option(help=f"Where recordings go (default ${VIDEOS_DIR_ENV} or videos).")
     ] = None,
-    agents_dir: Annotated[
-        Path | None, typer.Option(help=f"Agents root for env ids (default ${AGENTS_DIR_ENV} or agents).")
-    ] = None,
+    agents_dir: AgentsDir = None,
 ) -> None:
     """Evaluate a trained agent: mean +/- std return and solved yes/no; optionally record a video."""
     import gymnasium as gym
@@ -308,9 +309,7 @@ def _agent_target(config: dict[str, Any], env_id: str) -> float | None:
 @app.command()
 @_friendly
 def envs(
-    agents_dir: Annotated[
-        Path | None, typer.Option(help=f"Agents root (default ${AGENTS_DIR_ENV} or agents).")
-    ] = None,
+    agents_dir: AgentsDir = None,
 ) -> None:
     """List the presets: env id, tuned, target, measured cost to solve, the shipped agent's score."""
     from rich.console import Console
@@ -379,9 +378,7 @@ def plot(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="PNG to write (default plots/NAME.png).")
     ] = None,
-    agents_dir: Annotated[
-        Path | None, typer.Option(help=f"Agents root for env ids (default ${AGENTS_DIR_ENV} or agents).")
-    ] = None,
+    agents_dir: AgentsDir = None,
 ) -> None:
     """Plot learning curves (fitness and eval return vs env steps and wall time) to a PNG."""
     from eggroll_rl.agents import load_agent, resolve_agent

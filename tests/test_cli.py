@@ -118,8 +118,9 @@ def test_eval_prints_score_and_records_a_decodable_mp4(
 
 def test_resume_continues_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert cli(capsys, "train", "CartPole-v1", "--out", whole, "--generations", "4", *SMALL)[0] == 0
-    assert cli(capsys, "train", "CartPole-v1", "--out", split, "--generations", "2", *SMALL)[0] == 0
+    small = [*SMALL, "--set", "optimizer=adam"]  # optimizer state must resume exactly too
+    assert cli(capsys, "train", "CartPole-v1", "--out", whole, "--generations", "4", *small)[0] == 0
+    assert cli(capsys, "train", "CartPole-v1", "--out", split, "--generations", "2", *small)[0] == 0
     code, out, err = cli(capsys, "train", "CartPole-v1", "--out", split, "--resume", "--generations", "4")
     assert code == 0, err
     assert "resumed at generation 2" in out
@@ -165,7 +166,9 @@ def test_ctrl_c_saves_a_valid_agent_and_checkpoint_then_resumes(
 
     monkeypatch.setattr(progress.LogProgress, "update", press_ctrl_c_at_generation_3)
     out_dir = tmp_path / "runs"
-    code, out, err = cli(capsys, "train", "CartPole-v1", "--out", out_dir, "--generations", "10", *SMALL)
+    # The run must still be going at generation 3, whatever the preset's solve speed.
+    small = [*SMALL, "--set", "eval.stop_on_target=false"]
+    code, out, err = cli(capsys, "train", "CartPole-v1", "--out", out_dir, "--generations", "10", *small)
     assert code == 130, err
     assert "Interrupted at generation 4" in out and "--resume" in out and "Traceback" not in out + err
     directory = out_dir / "CartPole-v1"
