@@ -222,7 +222,7 @@ class Preset:
         from eggroll_rl.agents import library_version
 
         data = self.to_dict()
-        del data["measured"], data["notes"]  # they describe the preset, not this run
+        del data["measured"], data["notes"], data["tuned"]  # they describe the preset, not this run
         return {
             **data,
             "preset": None if self.source is None else self.source.name,
