@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import gymnasium as gym
 import typer
 
 try:  # typer >= 0.25 vendors click; older versions use click itself
@@ -68,10 +69,26 @@ def _friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except (AgentError, PresetError, RunError, MissingDependency) as exc:
             raise _fail(str(exc)) from None
+        except gym.error.DependencyNotInstalled as exc:
+            raise _fail(_missing_env_dependency(exc)) from None
         except RunInterrupted as exc:
             raise _fail(str(exc), EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# Which of our extras brings the package an environment family needs.
+_ENV_EXTRAS = {"box2d": "box2d", "mujoco": "mujoco"}
+
+
+def _missing_env_dependency(exc: Exception) -> str:
+    """Name the extra that installs what gymnasium found missing."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first.lower()
+    extra = next((e for key, e in _ENV_EXTRAS.items() if key in text), None)
+    if extra is None:
+        return f"a dependency of this environment is missing: {first}"
+    return f"this environment needs the {extra} extra: pip install 'eggroll-rl[{extra}]' ({first})"
 
 
 def _agents_root(*, reading: bool = False) -> Path:

@@ -361,3 +361,23 @@ def test_nproc_2_matches_one_process_and_only_rank_0_talks(
     one, two = (load_file(tmp_path / d / "CartPole-v1" / "policy.safetensors") for d in ("one", "two"))
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert load_agent(tmp_path / "two" / "CartPole-v1").results["world_size"] == 2
+
+
+def test_missing_env_dependency_names_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gymnasium as gym
+
+    def no_box2d(**kwargs):
+        raise gym.error.DependencyNotInstalled(
+            "Box2D is not installed, you can install it by run `pip install swig`"
+        )
+
+    if "EggrollTest/NeedsBox2D-v0" not in gym.registry:
+        gym.register(id="EggrollTest/NeedsBox2D-v0", entry_point=no_box2d)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "train", "EggrollTest/NeedsBox2D-v0", "--out", tmp_path / "a")
+    assert code == 2 and "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install 'eggroll-rl[box2d]'" in lines[0], err
+    assert not (tmp_path / "a").exists()
