@@ -79,6 +79,10 @@ class LowRankPerturbations:
             self._block(name + ":B").view(draws, n, self.rank),
         )
 
+    def has_vector(self, name: str) -> bool:
+        """Whether ``name`` is a perturbed non-matrix parameter (not frozen, not low-rank)."""
+        return name in self._where
+
     def vector(self, name: str) -> torch.Tensor:
         """Return the per-draw full-rank noise ``(draws, numel)`` of a non-matrix parameter."""
         return self._block(name)

@@ -165,7 +165,7 @@ class LowRankPopulation(Population):
 
         def member_vector(param: nn.Parameter | None) -> torch.Tensor | None:
             name = param_names.get(param) if param is not None else None
-            if name is None or name in p.frozen or name not in p._where:
+            if name is None or not p.has_vector(name):
                 return param
             # b + sign_i sigma e_i for every member, in one pass over the noise.
             out = torch.addcmul(param.detach().reshape(-1), rows(p.vector(name)), bias_coef)
