@@ -361,21 +361,14 @@ def _coerce(key: str, value: Any, tp: Any, *, text: bool) -> Any:
             if lowered in _TRUE | _FALSE:
                 return lowered in _TRUE
         fail()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if tp in (int, float):
+        # An int is a valid float; a float is not a valid int; bools are neither.
+        numeric = int if tp is int else int | float
+        if isinstance(value, numeric) and not isinstance(value, bool):
+            return tp(value)
         if text and isinstance(value, str):
             try:
-                return int(value.strip())
-            except ValueError:
-                fail()
-        fail()
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if text and isinstance(value, str):
-            try:
-                return float(value.strip())
+                return tp(value.strip())
             except ValueError:
                 fail()
         fail()
