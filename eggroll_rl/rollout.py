@@ -209,7 +209,8 @@ def _make_envpool(
         env_id,
         env_type="gymnasium",
         num_envs=num_envs,
-        seed=derive_seed(_TRAIN, seed or 0),
+        # envpool seeds sub-env i with seed + i and wants every one to fit an int32.
+        seed=derive_seed(_TRAIN, seed or 0) % (2**31 - num_envs),
         **env_kwargs,
     )
     return EnvpoolVectorEnv(pool, num_envs)

@@ -401,3 +401,19 @@ def test_cartpole_solved_through_the_library_api():
                 break
     assert result is not None and result.mean >= 475, (trainer.generation, result)
     assert result.episodes == 100
+
+
+def test_real_envpool_backend_trains_and_evaluates():
+    """With envpool installed, its C++ pools drive the rollout and evaluation end to end."""
+    pytest.importorskip("envpool")
+    fitness = RolloutFitness("CartPole-v1", backend="envpool", seed=3)
+    env = gym.make("CartPole-v1")
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=())
+    trainer = make_trainer(policy, fitness, population_size=8)
+    with pytest.warns(RuntimeWarning, match="no common random numbers"):
+        history = trainer.train(2)
+    assert type(fitness.env).__name__ == "EnvpoolVectorEnv" and fitness.env.num_envs == 8
+    assert history["env_steps"][-1] >= 8 * 8  # every CartPole episode lasts at least 8 steps
+    result = evaluate(policy, "CartPole-v1", episodes=6, seed=1, backend="envpool")
+    assert result.episodes == 6 and (result.lengths >= 8).all()
+    np.testing.assert_allclose(result.returns, result.lengths)  # CartPole: +1 per step
