@@ -27,7 +27,9 @@ class BatchedFitness:
 
     Subclasses implement ``__call__(population) -> fitness of shape (len(population),)`` and may
     fill ``self.stats`` (``dict[str, float]``): the trainer merges it into the generation's stats
-    and history after each call. ``state_dict``/``load_state_dict`` are saved with the trainer.
+    and history after each call; under torch.distributed each key is averaged over the ranks
+    unless ``stats_reduction`` (``{key: "sum" | "mean" | "max" | "min"}``) says otherwise.
+    ``state_dict``/``load_state_dict`` are saved with the trainer.
     """
 
     stats: dict[str, float]
