@@ -337,6 +337,12 @@ def _batch_size(obs: Any) -> int:
     return int(np.shape(obs)[0])
 
 
-def make_policy(observation_space: gym.Space, action_space: gym.Space, **config: Any) -> Policy:
-    """Build an MLP policy for the given single-env spaces (``config``: see :class:`Policy`)."""
-    return Policy(observation_space, action_space, **config)
+def make_policy(
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "tanh",
+    normalize_obs: bool = True,
+) -> Policy:
+    """Build an MLP policy for the given single-env spaces."""
+    return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)
