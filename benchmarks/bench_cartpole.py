@@ -20,14 +20,13 @@ import torch
 
 from eggroll_rl.presets import apply_overrides, load_preset
 from eggroll_rl.rollout import derive_seed, evaluate, make_vec_env
-from eggroll_rl.run import build_trainer
+from eggroll_rl.run import build_trainer, evaluation_due
 
 
 def solve(seed: int, max_generations: int, overrides: list[str]) -> dict[str, float]:
     """Train one seed until solved; return time, generations and env steps."""
     preset = apply_overrides(load_preset("CartPole-v1"), [f"trainer.seed={seed}", *overrides])
     target = preset.target if preset.target is not None else 475.0
-    every, eval_from = preset.eval.every, preset.eval.from_fitness
     t0 = time.perf_counter()
     trainer = build_trainer(preset)
     eval_env = make_vec_env("CartPole-v1", preset.eval.episodes)
@@ -35,8 +34,7 @@ def solve(seed: int, max_generations: int, overrides: list[str]) -> dict[str, fl
     while trainer.generation < max_generations:
         stats = trainer.step()
         gen = trainer.generation
-        promising = eval_from is not None and stats["mean_fitness"] >= eval_from
-        if (every and gen % every == 0) or promising:
+        if evaluation_due(preset, gen, stats["mean_fitness"]):
             result = evaluate(
                 trainer.model, eval_env, episodes=preset.eval.episodes, seed=derive_seed(7, seed, gen)
             )

@@ -472,6 +472,10 @@ class _TableES(ESTrainer):
         """Return how many table numbers one draw reads (every parameter, full rank)."""
         return self._params.numel
 
+    def _draw_noise(self) -> torch.Tensor:
+        """Return this generation's ``(draws, width)`` table noise in the parameters' dtype."""
+        return self.noise.sample(self.generation, self.draws).to(self.current_params.dtype)
+
     def compute_update(self, perturbations: Any, fitnesses: torch.Tensor) -> torch.Tensor:
         """Return ``sum_i f~_i eps_i / (N sigma)`` with ``f~`` the shaped fitness."""
         shaped = self.shaper(fitnesses).to(self.current_params.dtype)
@@ -483,8 +487,7 @@ class VanillaESTrainer(_TableES):
 
     def sample_perturbations(self, population_size: int) -> FullRankPerturbations:
         """Return ``p[i] = sign_i * sigma * eps_draw(i)`` with eps a full Gaussian vector."""
-        noise = self.noise.sample(self.generation, self.draws).to(self.current_params.dtype)
-        return FullRankPerturbations(noise, self.sigma, self.draw_index, self.signs)
+        return FullRankPerturbations(self._draw_noise(), self.sigma, self.draw_index, self.signs)
 
 
 class EGGROLLTrainer(_TableES):
@@ -554,9 +557,8 @@ class EGGROLLTrainer(_TableES):
 
     def sample_perturbations(self, population_size: int) -> LowRankPerturbations:
         """Return this generation's low-rank factors (one table window per draw)."""
-        noise = self.noise.sample(self.generation, self.draws).to(self.current_params.dtype)
         return LowRankPerturbations(
-            noise,
+            self._draw_noise(),
             self.layout,
             self._params.specs,
             self.lowrank,

@@ -60,6 +60,7 @@ __all__ = [
     "RunResult",
     "StopRequest",
     "build_trainer",
+    "evaluation_due",
     "resolve_device",
     "resolve_target",
     "resume_preset",
@@ -280,6 +281,12 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def evaluation_due(preset: Preset, generation: int, mean_fitness: float) -> bool:
+    """Whether the center is evaluated after ``generation``: every ``eval.every``, or when promising."""
+    every, promising = preset.eval.every, preset.eval.from_fitness
+    return bool(every and generation % every == 0) or (promising is not None and mean_fitness >= promising)
+
+
 def _eval_seed(seed: int, generation: int) -> int:
     from eggroll_rl.rollout import derive_seed
 
@@ -354,8 +361,7 @@ def train(
         )
     config = preset.to_config()
     fitness = trainer.fitness_fn
-    every, ckpt_every = preset.eval.every, preset.run.checkpoint_every
-    eval_from = preset.eval.from_fitness
+    ckpt_every = preset.run.checkpoint_every
     max_seconds = preset.run.max_seconds
 
     def checkpoint() -> None:
@@ -425,9 +431,7 @@ def train(
                     def decide(gen: int = gen, stats: dict[str, float] = stats) -> dict[str, Any]:
                         nonlocal last_eval
                         decision: dict[str, Any] = {"stop": None}
-                        if (every and gen % every == 0) or (
-                            eval_from is not None and stats["mean_fitness"] >= eval_from
-                        ):
+                        if evaluation_due(preset, gen, stats["mean_fitness"]):
                             result = _evaluate_center(trainer, preset)
                             decision["eval"] = (result.mean, result.std, int(result.lengths.sum()))
                             last_eval = (gen, result)

@@ -381,3 +381,14 @@ def test_missing_env_dependency_names_the_extra(
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'eggroll-rl[box2d]'" in lines[0], err
     assert not (tmp_path / "a").exists()
+
+
+def test_evaluation_due_every_k_and_once_promising() -> None:
+    from eggroll_rl.presets import apply_overrides
+    from eggroll_rl.run import evaluation_due
+
+    preset = apply_overrides(load_preset("CartPole-v1"), ["eval.every=5", "eval.from_fitness=400"])
+    assert evaluation_due(preset, 5, 0.0) and evaluation_due(preset, 10, -1.0)
+    assert evaluation_due(preset, 3, 400.0) and not evaluation_due(preset, 3, 399.9)
+    only_end = apply_overrides(preset, ["eval.every=0", "eval.from_fitness=none"])
+    assert not any(evaluation_due(only_end, g, 1e9) for g in range(1, 20))
