@@ -56,6 +56,7 @@ __all__ = [
     "preset_keys",
     "preset_path",
     "save_preset",
+    "similar_env_ids",
 ]
 
 PRESETS_DIR_ENV = "EGGROLL_RL_PRESETS_DIR"
@@ -647,15 +648,26 @@ def save_preset(preset: Preset, path: str | os.PathLike[str] | None = None) -> P
 # Env ids
 
 
+def similar_env_ids(env_id: str, candidates: Iterable[str] | None = None) -> list[str]:
+    """Return up to three ids close to ``env_id`` (default candidates: gymnasium's registry)."""
+    if candidates is None:
+        import gymnasium as gym
+
+        candidates = gym.registry
+    names = list(candidates)
+    close = difflib.get_close_matches(env_id, names, n=3, cutoff=0.5)
+    if not close:  # a case slip ("cartpole-v1") is too far for difflib on the raw strings
+        lowered = {k.lower(): k for k in names}
+        close = [lowered[k] for k in difflib.get_close_matches(env_id.lower(), lowered, n=3)]
+    return close
+
+
 def check_env_id(env_id: str) -> None:
     """Raise PresetError when gymnasium does not know ``env_id``, suggesting close matches."""
     import gymnasium as gym
 
     if env_id in gym.registry:
         return
-    close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
-    if not close:
-        lowered = {k.lower(): k for k in gym.registry}
-        close = [lowered[k] for k in difflib.get_close_matches(env_id.lower(), lowered, n=3)]
+    close = similar_env_ids(env_id)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise PresetError(f"unknown environment {env_id!r}{hint}")

@@ -19,7 +19,6 @@ that sub-env's random stream (deterministic given ``seed``).
 
 from __future__ import annotations
 
-import difflib
 import math
 import time
 import warnings
@@ -35,6 +34,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from .population import BatchedFitness, Population
+from .presets import similar_env_ids
 
 __all__ = [
     "BACKENDS",
@@ -73,7 +73,7 @@ def episode_seed(seed: int, generation: int, episode: int) -> int:
 
 
 def _close_matches(name: str, candidates: Any) -> str:
-    matches = difflib.get_close_matches(name, list(candidates), n=5, cutoff=0.6)
+    matches = similar_env_ids(name, candidates)
     return f" Did you mean: {', '.join(matches)}?" if matches else ""
 
 

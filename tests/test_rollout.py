@@ -245,6 +245,8 @@ def test_make_vec_env_backends_and_errors():
     assert isinstance(make_vec_env("CartPole-v1", 2, backend="sync"), SyncVectorEnv)
     with pytest.raises(ValueError, match="CartPole-v1"):
         make_vec_env("CartPol-v1", 2)
+    with pytest.raises(ValueError, match="Did you mean: CartPole-v1"):
+        make_vec_env("cartpole-v1", 2)  # same suggestions as the CLI's env-id check
     with pytest.raises(ValueError, match="Unknown environment id"):
         RolloutFitness("NoSuchEnvironment-v0")
     with pytest.raises(ValueError, match="backend"):
