@@ -277,6 +277,7 @@ def eval_(
     from eggroll_rl.agents import load_agent, resolve_agent
     from eggroll_rl.presets import check_env_id
     from eggroll_rl.rollout import evaluate
+    from eggroll_rl.run import env_target
 
     root = agents_dir if agents_dir is not None else _agents_root(reading=True)
     expected = None
@@ -294,7 +295,9 @@ def eval_(
     env_id = loaded.env_id
     check_env_id(env_id)
     policy = loaded.build_policy()
-    target = _agent_target(loaded.config, env_id)
+    recorded = loaded.config.get("target")  # the run's config; a hand-edited one may hold anything
+    numeric = isinstance(recorded, int | float) and not isinstance(recorded, bool)
+    target = env_target(env_id, recorded if numeric else None)
     result = evaluate(policy, env_id, episodes=episodes, seed=seed)
     verdict = "n/a (no target)" if target is None else ("yes" if result.mean >= target else "no")
     against = "" if target is None else f" (target {target:g})"
@@ -307,16 +310,6 @@ def eval_(
         slug = env_id.replace("/", "__")
         video = record_episode(policy, env_id, videos / slug / f"{slug}-seed{seed}.mp4", seed=seed)
         print(f"recorded {video.frames} frames (return {video.episode_return:.2f}) to {video.path}")
-
-
-def _agent_target(config: dict[str, Any], env_id: str) -> float | None:
-    target = config.get("target")
-    if isinstance(target, int | float) and not isinstance(target, bool):
-        return float(target)
-    import gymnasium as gym
-
-    threshold = gym.spec(env_id).reward_threshold
-    return None if threshold is None else float(threshold)
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ __all__ = [
     "RunResult",
     "StopRequest",
     "build_trainer",
+    "env_target",
     "evaluation_due",
     "resolve_device",
     "resolve_target",
@@ -139,12 +140,17 @@ class Progress(Protocol):
 
 def resolve_target(preset: Preset) -> float | None:
     """Return the preset's target, else the env spec's reward_threshold (None: no target)."""
-    if preset.target is not None:
-        return float(preset.target)
+    return env_target(preset.env_id, preset.target)
+
+
+def env_target(env_id: str, target: float | None = None) -> float | None:
+    """Return ``target`` when given, else ``env_id``'s spec reward_threshold (None: no target)."""
+    if target is not None:
+        return float(target)
     import gymnasium as gym
 
     try:
-        threshold = gym.spec(preset.env_id).reward_threshold
+        threshold = gym.spec(env_id).reward_threshold
     except gym.error.Error:
         return None
     return None if threshold is None else float(threshold)
