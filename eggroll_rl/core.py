@@ -472,9 +472,11 @@ class _TableES(ESTrainer):
         """Return how many table numbers one draw reads (every parameter, full rank)."""
         return self._params.numel
 
-    def _draw_noise(self) -> torch.Tensor:
+    def _draw_noise(self, offsets: torch.Tensor | None = None) -> torch.Tensor:
         """Return this generation's ``(draws, width)`` table noise in the parameters' dtype."""
-        return self.noise.sample(self.generation, self.draws).to(self.current_params.dtype)
+        if offsets is None:
+            offsets = self.noise.offsets(self.generation, self.draws)
+        return self.noise.windows(offsets).to(self.current_params.dtype)
 
     def compute_update(self, perturbations: Any, fitnesses: torch.Tensor) -> torch.Tensor:
         """Return ``sum_i f~_i eps_i / (N sigma)`` with ``f~`` the shaped fitness."""
@@ -557,8 +559,9 @@ class EGGROLLTrainer(_TableES):
 
     def sample_perturbations(self, population_size: int) -> LowRankPerturbations:
         """Return this generation's low-rank factors (one table window per draw)."""
+        offsets = self.noise.offsets(self.generation, self.draws)
         return LowRankPerturbations(
-            self._draw_noise(),
+            self._draw_noise(offsets),
             self.layout,
             self._params.specs,
             self.lowrank,
@@ -568,6 +571,7 @@ class EGGROLLTrainer(_TableES):
             self.draw_index,
             self.signs,
             self._params.numel,
+            source=None if self.noise.table_fp16 is None else (self.noise.table_fp16, offsets),
         )
 
     def make_population(self, perturbations: Any, indices: torch.Tensor) -> Population:

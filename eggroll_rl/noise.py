@@ -4,8 +4,11 @@ Every number a trainer perturbs with is a pure function of ``(seed, generation, 
 element)``; no generator state is carried between generations, so any process can rebuild any
 member's noise from the seed alone (what checkpoints and ``torch.distributed`` rely on).
 
-How: a table of ``size`` i.i.d. N(0, 1) float32 numbers is drawn once from ``seed`` (on the CPU, so
-CPU and CUDA runs see the same numbers). Draw ``j`` of generation ``t`` reads the window
+How: a table of ``size`` i.i.d. N(0, 1) numbers is drawn once from ``seed`` (on the CPU, so CPU
+and CUDA runs see the same numbers) and rounded to float16 (each number moves by < 0.05 %): the
+population forward is bound by how many noise bytes it reads, and the CPU kernel
+(:mod:`eggroll_rl.kernels`) reads the float16 copy, half the bytes; every other use reads the same
+values as float32. Draw ``j`` of generation ``t`` reads the window
 ``table[o : o + width]`` with ``o = splitmix64(seed, t, j) mod (size - width + 1)``; inside a window
 the parameters sit side by side at fixed offsets (see :class:`NoiseLayout`), so two parameters of
 one draw never share numbers, whatever their shapes. This is the shared noise table of Salimans et
@@ -78,7 +81,10 @@ class NoiseTable:
             raise ValueError(f"noise table size {size} is smaller than one draw ({width} numbers)")
         self.seed, self.width, self.size = int(seed), int(width), int(size)
         gen = torch.Generator().manual_seed(hash_key(self.seed, 0x7AB1E) & ((1 << 63) - 1))
-        self.table = torch.randn(self.size, generator=gen).to(device)
+        half = torch.randn(self.size, generator=gen).to(torch.float16)
+        self.table = half.to(device=device, dtype=torch.float32)
+        # The copy the CPU kernel reads; None where the kernel cannot run.
+        self.table_fp16 = half if self.table.device.type == "cpu" else None
 
     def offsets(self, generation: int, draws: int) -> torch.Tensor:
         """Return the table offsets of draws ``0..draws-1`` of ``generation``."""
@@ -89,8 +95,11 @@ class NoiseTable:
 
     def sample(self, generation: int, draws: int) -> torch.Tensor:
         """Return the ``(draws, width)`` noise of one generation."""
-        windows = self.table.unfold(0, self.width, 1)
-        return windows.index_select(0, self.offsets(generation, draws))
+        return self.windows(self.offsets(generation, draws))
+
+    def windows(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Return the ``(len(offsets), width)`` windows that start at ``offsets``."""
+        return self.table.unfold(0, self.width, 1).index_select(0, offsets)
 
 
 def reuse_pattern(

@@ -57,14 +57,22 @@ class LowRankPerturbations:
         draw_index: torch.Tensor,
         signs: torch.Tensor,
         numel: int,
+        source: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.noise, self.layout, self.specs = noise, layout, specs
+        # (float16 table, per-draw window starts) that `noise` was read from, when it was: the CPU
+        # kernel reads members' factors there instead of from copies.
+        self.source = source
         self.lowrank, self.frozen, self.rank, self.sigma = lowrank, frozen, rank, sigma
         self.draw_index, self.signs, self.numel = draw_index, signs, numel
         self._where = {n: (o, s) for n, o, s in zip(layout.names, layout.offsets, layout.sizes)}
 
     def __len__(self) -> int:
         return self.draw_index.numel()
+
+    def position(self, key: str) -> int:
+        """Return where ``key`` (a parameter name, or ``name:A`` / ``name:B``) sits in a window."""
+        return self._where[key][0]
 
     def _block(self, key: str) -> torch.Tensor:
         offset, size = self._where[key]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .distributed import World
 from .perturbations import LowRankPerturbations
 
@@ -77,16 +78,19 @@ class Population:
         self.generation, self.seed = generation, seed
         self.noise_reuse, self.group_size, self.world = noise_reuse, group_size, world
         self.device = indices.device
+        self._len = indices.numel()
 
     def __len__(self) -> int:
-        return self.indices.numel()
+        return self._len
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != len(self):
+        if x.shape[0] != self._len:
             raise ValueError(
                 f"population input must have one row per member: expected leading dimension "
-                f"{len(self)}, got shape {tuple(x.shape)}"
+                f"{self._len}, got shape {tuple(x.shape)}"
             )
+        if not torch.is_grad_enabled():  # a rollout's loop already runs without autograd
+            return self._forward(x)
         with torch.no_grad():
             return self._forward(x)
 
@@ -140,10 +144,12 @@ class LowRankPopulation(Population):
     """EGGROLL members: each ``nn.Linear`` computes ``x W^T + b + (sigma/sqrt r)(x B_i) A_i^T + sigma e_i``.
 
     Per-member weight matrices are never formed: the shared ``x W^T`` is one GEMM for the whole
-    batch and the low-rank term costs ``O(N r (m + n))``. Everything per member is prepared once
-    per generation so that each forward only reads it: ``B`` as ``(N, r, n)`` rows, ``A`` signed
-    and scaled by ``sign_i sigma / sqrt(r)`` as ``(N, r, m)``, and the member biases
-    ``b + sign_i sigma e_i`` as one ``(N, m)`` matrix.
+    batch and the low-rank term costs ``O(N r (m + n))``. On CPU float32 at rank 1 it runs in the
+    compiled kernel (:mod:`eggroll_rl.kernels`), which reads each member's factors from the
+    noise table. Otherwise (rank > 1, CUDA, other dtypes, no compiler) it runs in PyTorch ops, and
+    everything per member is prepared once per generation so that each forward only reads it:
+    ``B`` as ``(N, r, n)`` rows, ``A`` signed and scaled by ``sign_i sigma / sqrt(r)`` as
+    ``(N, r, m)``, and the member biases ``b + sign_i sigma e_i`` as one ``(N, m)`` matrix.
     """
 
     def __init__(
@@ -173,9 +179,18 @@ class LowRankPopulation(Population):
             out = torch.addcmul(param.detach().reshape(-1), rows(p.vector(name)), bias_coef)
             return out.view(n, *param.shape)
 
+        kernel = _kernel_inputs(p, self.model, draw, sign)
         for mod in self.model.modules():
             if type(mod) is nn.Linear:
                 name = param_names.get(mod.weight)
+                if kernel is not None and name in p.lowrank:
+                    bias_name = param_names.get(mod.bias) if mod.bias is not None else None
+                    where = (p.position(name + ":A"), p.position(name + ":B"))
+                    if bias_name is not None and p.has_vector(bias_name):
+                        where += (p.position(bias_name),)
+                    fwd = _kernel_linear(mod, kernel, where)
+                    self._forwards.append((mod.__dict__, fwd))
+                    continue
                 factors = None
                 if name is not None and name in p.lowrank:
                     a, b = p.factors(name)  # (draws, m, r), (draws, n, r) views of the noise
@@ -203,6 +218,56 @@ class LowRankPopulation(Population):
         finally:
             for attrs, _ in self._forwards:
                 attrs.pop("forward", None)
+
+
+def _kernel_inputs(
+    p: LowRankPerturbations, model: nn.Module, draw: torch.Tensor, sign: torch.Tensor
+) -> tuple[torch.Tensor, ...] | None:
+    """Return (float16 table, member window starts, A coefficients, e coefficients) for the kernel.
+
+    None where the kernel does not apply: rank > 1, noise not read from a table, a Linear
+    parameter that is not CPU float32, or no compiled kernel in this process.
+    """
+    if p.source is None or p.rank != 1:
+        return None
+    table, offsets = p.source
+    linear = [t for m in model.modules() if type(m) is nn.Linear for t in (m.weight, m.bias)]
+    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in linear):
+        return None
+    if not kernels.available():
+        return None
+    coef_a = (sign * p.sigma).to(torch.float32).contiguous()  # sigma / sqrt(r) with r = 1
+    return table, offsets.index_select(0, draw).contiguous(), coef_a, coef_a
+
+
+def _kernel_linear(
+    mod: nn.Linear, kernel: tuple[torch.Tensor, ...], where: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Build the batched forward of one Linear layer on the compiled CPU kernel (rank 1).
+
+    The kernel writes ``b + c_e e_i + c_a (x . B_i) A_i`` with ``A_i``, ``B_i``, ``e_i`` read
+    from the noise table; the shared GEMM is then accumulated into it in place (``addmm_``).
+    ``where`` holds the positions of ``A`` and ``B`` in a draw's window, and of ``e`` when the
+    bias is perturbed.
+    """
+    table, offsets, coef_a, coef_e = kernel
+    w_t = mod.weight.detach().T
+    bias = mod.bias.detach().contiguous() if mod.bias is not None else None
+    pos_a, pos_b = where[:2]
+    pos_e = where[2] if len(where) > 2 else -1
+    out_features = mod.out_features
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise TypeError(f"population input must be float32 like the model, got {x.dtype}")
+        flat = x.dim() == 2 and x.is_contiguous()
+        rows = x if flat else x.reshape(-1, x.shape[-1]).contiguous()
+        y = rows.new_empty(rows.shape[0], out_features)
+        kernels.lowrank_rows(rows, table, offsets, coef_a, coef_e, bias, y, pos_a, pos_b, pos_e)
+        y.addmm_(rows, w_t)
+        return y if flat else y.view(*x.shape[:-1], out_features)
+
+    return forward
 
 
 def _linear(

@@ -2,9 +2,10 @@
 
 Member i's materialised model holds ``center + perturbations[i]`` (for a matrix
 ``W + sign_i sigma / sqrt(r) A_i B_i^T``, built densely by ``LowRankPerturbations.__getitem__``);
-the batched forward never forms it. Every kernel variant of ``population._linear`` (rank 1 and
-rank > 1, shared / per-member / no bias, 2-D and (N, k, ..., in) inputs, frozen weights) and the
-LayerNorm forward are checked on random members.
+the batched forward never forms it. Every variant of the Linear forward (rank 1 and rank > 1,
+shared / per-member / no bias, 2-D and (N, k, ..., in) inputs, frozen weights) and the LayerNorm
+forward are checked on random members, on both paths: the compiled CPU kernel
+(``population._kernel_linear``) and the PyTorch ops (``population._linear``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from eggroll_rl import EGGROLLTrainer, batched_fitness
+from eggroll_rl import EGGROLLTrainer, batched_fitness, kernels
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def forward_path(request, monkeypatch):
+    """Run every test on the compiled-kernel path and on the PyTorch-ops path."""
+    if request.param == "kernel" and not kernels.available():
+        pytest.skip("no compiled CPU kernel here (no C compiler)")
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    return request.param
 
 
 @batched_fitness
@@ -98,6 +109,8 @@ def test_forward_with_lowrank_zero_perturbation_is_plain_inference() -> None:
     trainer = EGGROLLTrainer(model, _unused, population_size=4, sigma=0.1, rank=1)
     perturbations = trainer.sample_perturbations(4)
     perturbations.noise.zero_()
+    table, offsets = perturbations.source  # what the CPU kernel reads instead of `noise`
+    perturbations.source = (torch.zeros_like(table), offsets)
     pop = trainer.make_population(perturbations, torch.arange(4))
     x = torch.randn(4, 6)
     with torch.no_grad():
@@ -130,3 +143,18 @@ def test_contract_is_weighted_sum_of_member_directions(rank: int, noise_reuse: i
     w = torch.randn(8)
     expected = sum(w[i] * perturbations[i] for i in range(8)) / perturbations.sigma
     torch.testing.assert_close(perturbations.contract(w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_population_runs_the_kernel_when_available(forward_path, monkeypatch) -> None:
+    """Each low-rank Linear goes through the kernel on the kernel path, and never on the other."""
+    calls = []
+    real = kernels.lowrank_rows
+    monkeypatch.setattr(kernels, "lowrank_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model("mlp")
+    trainer = EGGROLLTrainer(model, _unused, population_size=4, sigma=0.1)
+    pop = trainer.make_population(trainer.sample_perturbations(4), torch.arange(4))
+    pop(torch.randn(4, 6))
+    assert len(calls) == (3 if forward_path == "kernel" else 0)
+    if forward_path == "kernel":  # the kernel reads raw float32 memory: other dtypes are refused
+        with pytest.raises(TypeError, match="float32"):
+            pop(torch.randn(4, 6, dtype=torch.float64))
