@@ -2,7 +2,7 @@
 
 A member's ``nn.Linear`` output is the shared ``x W^T`` plus ``b + c_e e_i + c_a (x B_i) A_i^T``.
 In PyTorch ops that per-member part takes a dot, an ``addcmul`` and per-generation copies of the
-noise laid out for them. For rank 1 this C kernel computes it in one pass per row and reads
+noise laid out for them. This C kernel computes it in one pass per row and reads
 ``A_i``, ``B_i`` and ``e_i`` straight from the float16 copy of the noise table (the table's numbers
 are float16 values, see :mod:`eggroll_rl.noise`): half the bytes of float32 copies, and the
 forward is bound by those bytes. The shared GEMM is then accumulated into the result in place by
@@ -11,7 +11,7 @@ PyTorch (MKL), as before.
 It is compiled with the system C compiler (``$CC``, else ``cc``; OpenMP, ``-march=native``) into
 ``$EGGROLL_RL_CACHE`` (default ``~/.cache/eggroll_rl``) the first time a CPU population needs
 it; OpenMP resolves to the runtime PyTorch already loaded, so both share one thread pool. Without
-a compiler, on a failed build, for rank > 1, for non-float32 or non-CPU tensors, or with
+a compiler, on a failed build, for rank > 64, for non-float32 or non-CPU tensors, or with
 ``EGGROLL_RL_KERNEL=0``, the population uses the PyTorch-ops path, which computes the same numbers.
 """
 
@@ -32,10 +32,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
+MAX_RANK = 64  # the kernel keeps a member's r dot products in a fixed-size array
+
 _SOURCE = r"""
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#define MAX_RANK 64
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -75,11 +78,8 @@ static inline float vsum(vec v) {
 }
 #endif
 
-/* y = bias + ce e + (ca (x . b)) a for one row; a, b, e are float16 table numbers. */
-static inline void rank1_row(const float* restrict x, const uint16_t* restrict a,
-                             const uint16_t* restrict b, const uint16_t* restrict e, float ce,
-                             float ca, const float* restrict bias, float* restrict y,
-                             int64_t n, int64_t m) {
+/* x . b over n numbers, b float16. */
+static inline float dot_half(const float* restrict x, const uint16_t* restrict b, int64_t n) {
   int64_t j = 0;
   float s = 0.f;
 #ifdef W
@@ -93,48 +93,65 @@ static inline void rank1_row(const float* restrict x, const uint16_t* restrict a
   s = vsum(s0) + vsum(s1);
 #endif
   for (; j < n; ++j) s += x[j] * half_to_float(b[j]);
-  s *= ca;
-  j = 0;
+  return s;
+}
+
+/* y = bias + ce e + sum_q (ca (x . b_q)) a_q for one row. The factors are stored factor-major:
+   b_q = b + q n and a_q = a + q m are contiguous; a, b, e are float16 table numbers. */
+static inline __attribute__((always_inline)) void member_row(
+    const float* restrict x, const uint16_t* restrict a, const uint16_t* restrict b,
+    const uint16_t* restrict e, float ce, float ca, const float* restrict bias, float* restrict y,
+    int64_t n, int64_t m, int64_t r) {
+  float s[MAX_RANK];
+  for (int64_t q = 0; q < r; ++q) s[q] = ca * dot_half(x, b + q * n, n);
+  int64_t j = 0;
 #ifdef W
-  const vec sv = vset(s), cv = vset(ce), zero = vset(0.f);
+  const vec cv = vset(ce), zero = vset(0.f);
   for (; j + W <= m; j += W) {
     vec v = bias ? vload(bias + j) : zero;
     if (e) v = vfma(cv, hload(e + j), v);
-    vstore(y + j, vfma(sv, hload(a + j), v));
+    for (int64_t q = 0; q < r; ++q) v = vfma(vset(s[q]), hload(a + q * m + j), v);
+    vstore(y + j, v);
   }
 #endif
   for (; j < m; ++j) {
     float v = bias ? bias[j] : 0.f;
     if (e) v += ce * half_to_float(e[j]);
-    y[j] = v + s * half_to_float(a[j]);
+    for (int64_t q = 0; q < r; ++q) v += s[q] * half_to_float(a[q * m + j]);
+    y[j] = v;
   }
 }
 
-/* Rows i*k .. i*k+k-1 belong to member i, whose A, B, e start at off[i] + pa, + pb, + pe
-   (pe < 0: no e). Members are split into contiguous blocks per thread, the same rows each
-   thread's share of the following GEMM is likely to touch. */
+/* Rows i*k .. i*k+k-1 belong to member i, whose A (r x m), B (r x n) and e (m) start at
+   off[i] + pa, + pb, + pe (pe < 0: no e). Members are split into contiguous blocks per thread,
+   the same rows each thread's share of the following GEMM is likely to touch. */
 void eggroll_lowrank_rows(const float* restrict x, const uint16_t* restrict table,
                           const int64_t* restrict off, const float* restrict ca,
                           const float* restrict ce, const float* restrict bias,
                           float* restrict y, int64_t members, int64_t k, int64_t n, int64_t m,
-                          int64_t pa, int64_t pb, int64_t pe, int nthreads) {
+                          int64_t r, int64_t pa, int64_t pb, int64_t pe, int nthreads) {
   #pragma omp parallel for schedule(static) num_threads(nthreads) \
-      if (nthreads > 1 && members * k * (n + m) > 32768)
+      if (nthreads > 1 && members * k * r * (n + m) > 32768)
   for (int64_t i = 0; i < members; ++i) {
     const uint16_t* w = table + off[i];
 #ifdef W
     if (i + 2 < members) {  /* the table windows are random: start the next fetches early */
       const uint16_t* nw = table + off[i + 2];
-      for (int64_t j = 0; j < n; j += 32) _mm_prefetch((const char*)(nw + pb + j), _MM_HINT_T0);
-      for (int64_t j = 0; j < m; j += 32) {
-        _mm_prefetch((const char*)(nw + pa + j), _MM_HINT_T0);
-        if (pe >= 0) _mm_prefetch((const char*)(nw + pe + j), _MM_HINT_T0);
-      }
+      for (int64_t j = 0; j < n * r; j += 32) _mm_prefetch((const char*)(nw + pb + j), _MM_HINT_T0);
+      for (int64_t j = 0; j < m * r; j += 32) _mm_prefetch((const char*)(nw + pa + j), _MM_HINT_T0);
+      if (pe >= 0)
+        for (int64_t j = 0; j < m; j += 32) _mm_prefetch((const char*)(nw + pe + j), _MM_HINT_T0);
     }
 #endif
     const uint16_t* e = pe >= 0 ? w + pe : NULL;
-    for (int64_t row = i * k; row < (i + 1) * k; ++row)
-      rank1_row(x + row * n, w + pa, w + pb, e, pe >= 0 ? ce[i] : 0.f, ca[i], bias, y + row * m, n, m);
+    const float cei = pe >= 0 ? ce[i] : 0.f;
+    for (int64_t row = i * k; row < (i + 1) * k; ++row) {
+      /* A literal rank 1 lets the compiler drop the factor loops on the common path. */
+      if (r == 1)
+        member_row(x + row * n, w + pa, w + pb, e, cei, ca[i], bias, y + row * m, n, m, 1);
+      else
+        member_row(x + row * n, w + pa, w + pb, e, cei, ca[i], bias, y + row * m, n, m, r);
+    }
   }
 }
 """
@@ -196,7 +213,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn = lib.eggroll_lowrank_rows
-    fn.argtypes = [p] * 7 + [i64] * 7 + [ctypes.c_int]
+    fn.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_int]
     fn.restype = None
     return lib
 
@@ -214,15 +231,17 @@ def lowrank_rows(
     coef_e: torch.Tensor,
     bias: torch.Tensor | None,
     out: torch.Tensor,
+    rank: int,
     pos_a: int,
     pos_b: int,
     pos_e: int,
 ) -> torch.Tensor:
-    """Write ``bias + coef_e[i] e_i + coef_a[i] (x_row . B_i) A_i`` into ``out`` for every row (rank 1).
+    """Write ``bias + coef_e[i] e_i + coef_a[i] (x_row B_i) A_i^T`` into ``out`` for every row.
 
     ``x`` is ``(N * k, n)`` and ``out`` ``(N * k, m)``, float32; rows ``i*k .. i*k+k-1`` belong
-    to member ``i``, whose ``A`` (m), ``B`` (n) and ``e`` (m) start at ``offsets[i] + pos_a``,
-    ``+ pos_b`` and ``+ pos_e`` in the float16 ``table`` (``pos_e < 0``: no ``e``).
+    to member ``i``, whose ``A`` (stored ``(r, m)``), ``B`` (``(r, n)``) and ``e`` (m) start at
+    ``offsets[i] + pos_a``, ``+ pos_b`` and ``+ pos_e`` in the float16 ``table`` (``pos_e < 0``:
+    no ``e``).
     """
     lib = _library()
     if lib is None:
@@ -236,6 +255,7 @@ def lowrank_rows(
         and out.is_contiguous()
         and out.shape[0] == x.shape[0]
         and x.shape[0] % offsets.shape[0] == 0
+        and 1 <= rank <= MAX_RANK
     ):
         raise ValueError("lowrank_rows: inputs do not have the dtypes and shapes it expects")
     members = offsets.shape[0]
@@ -252,6 +272,7 @@ def lowrank_rows(
         rows // members,
         n,
         out.shape[1],
+        rank,
         pos_a,
         pos_b,
         pos_e,

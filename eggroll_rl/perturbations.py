@@ -82,9 +82,11 @@ class LowRankPerturbations:
         """Return the per-draw factors ``A (draws, m, r)`` and ``B (draws, n, r)`` of a matrix."""
         m, n = next(s.shape for s in self.specs if s.name == name)
         draws = self.noise.shape[0]
+        # Stored factor-major, (r, m) and (r, n): each factor column is contiguous in the window,
+        # which is how the CPU kernel reads it.
         return (
-            self._block(name + ":A").view(draws, m, self.rank),
-            self._block(name + ":B").view(draws, n, self.rank),
+            self._block(name + ":A").view(draws, self.rank, m).transpose(1, 2),
+            self._block(name + ":B").view(draws, self.rank, n).transpose(1, 2),
         )
 
     def has_vector(self, name: str) -> bool:

@@ -144,9 +144,9 @@ class LowRankPopulation(Population):
     """EGGROLL members: each ``nn.Linear`` computes ``x W^T + b + (sigma/sqrt r)(x B_i) A_i^T + sigma e_i``.
 
     Per-member weight matrices are never formed: the shared ``x W^T`` is one GEMM for the whole
-    batch and the low-rank term costs ``O(N r (m + n))``. On CPU float32 at rank 1 it runs in the
-    compiled kernel (:mod:`eggroll_rl.kernels`), which reads each member's factors from the
-    noise table. Otherwise (rank > 1, CUDA, other dtypes, no compiler) it runs in PyTorch ops, and
+    batch and the low-rank term costs ``O(N r (m + n))``. On CPU float32 it runs in the compiled
+    kernel (:mod:`eggroll_rl.kernels`), which reads each member's factors from the
+    noise table. Otherwise (CUDA, other dtypes, no compiler) it runs in PyTorch ops, and
     everything per member is prepared once per generation so that each forward only reads it:
     ``B`` as ``(N, r, n)`` rows, ``A`` signed and scaled by ``sign_i sigma / sqrt(r)`` as
     ``(N, r, m)``, and the member biases ``b + sign_i sigma e_i`` as one ``(N, m)`` matrix.
@@ -188,7 +188,7 @@ class LowRankPopulation(Population):
                     where = (p.position(name + ":A"), p.position(name + ":B"))
                     if bias_name is not None and p.has_vector(bias_name):
                         where += (p.position(bias_name),)
-                    fwd = _kernel_linear(mod, kernel, where)
+                    fwd = _kernel_linear(mod, kernel, p.rank, where)
                     self._forwards.append((mod.__dict__, fwd))
                     continue
                 factors = None
@@ -225,10 +225,10 @@ def _kernel_inputs(
 ) -> tuple[torch.Tensor, ...] | None:
     """Return (float16 table, member window starts, A coefficients, e coefficients) for the kernel.
 
-    None where the kernel does not apply: rank > 1, noise not read from a table, a Linear
+    None where the kernel does not apply: rank above the kernel's limit, noise not read from a table, a Linear
     parameter that is not CPU float32, or no compiled kernel in this process.
     """
-    if p.source is None or p.rank != 1:
+    if p.source is None or p.rank > kernels.MAX_RANK:
         return None
     table, offsets = p.source
     linear = [t for m in model.modules() if type(m) is nn.Linear for t in (m.weight, m.bias)]
@@ -236,16 +236,17 @@ def _kernel_inputs(
         return None
     if not kernels.available():
         return None
-    coef_a = (sign * p.sigma).to(torch.float32).contiguous()  # sigma / sqrt(r) with r = 1
-    return table, offsets.index_select(0, draw).contiguous(), coef_a, coef_a
+    coef_a = (sign * (p.sigma / math.sqrt(p.rank))).to(torch.float32).contiguous()
+    coef_e = (sign * p.sigma).to(torch.float32).contiguous()
+    return table, offsets.index_select(0, draw).contiguous(), coef_a, coef_e
 
 
 def _kernel_linear(
-    mod: nn.Linear, kernel: tuple[torch.Tensor, ...], where: tuple[int, ...]
+    mod: nn.Linear, kernel: tuple[torch.Tensor, ...], rank: int, where: tuple[int, ...]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Build the batched forward of one Linear layer on the compiled CPU kernel (rank 1).
+    """Build the batched forward of one Linear layer on the compiled CPU kernel.
 
-    The kernel writes ``b + c_e e_i + c_a (x . B_i) A_i`` with ``A_i``, ``B_i``, ``e_i`` read
+    The kernel writes ``b + c_e e_i + c_a (x B_i) A_i^T`` with ``A_i``, ``B_i``, ``e_i`` read
     from the noise table; the shared GEMM is then accumulated into it in place (``addmm_``).
     ``where`` holds the positions of ``A`` and ``B`` in a draw's window, and of ``e`` when the
     bias is perturbed.
@@ -263,7 +264,7 @@ def _kernel_linear(
         flat = x.dim() == 2 and x.is_contiguous()
         rows = x if flat else x.reshape(-1, x.shape[-1]).contiguous()
         y = rows.new_empty(rows.shape[0], out_features)
-        kernels.lowrank_rows(rows, table, offsets, coef_a, coef_e, bias, y, pos_a, pos_b, pos_e)
+        kernels.lowrank_rows(rows, table, offsets, coef_a, coef_e, bias, y, rank, pos_a, pos_b, pos_e)
         y.addmm_(rows, w_t)
         return y if flat else y.view(*x.shape[:-1], out_features)
 

@@ -24,37 +24,39 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
-def _by_hand(x, table, offsets, coef_a, coef_e, bias, n, m, pos_e=True):
-    """The kernel's rows computed in float64 from the formula."""
+def _by_hand(x, table, offsets, coef_a, coef_e, bias, n, m, r, with_e):
+    """The kernel's rows computed in float64 from the formula (A (r, m), B (r, n), then e)."""
     t = table.double()
     rows = []
     for i, o in enumerate(offsets.tolist()):
-        a, b = t[o : o + m], t[o + m : o + m + n]
-        y = (bias.double() if bias is not None else 0) + coef_a[i] * (x[i].double() @ b) * a
-        if pos_e:
-            y = y + coef_e[i] * t[o + m + n : o + 2 * m + n]
+        a = t[o : o + r * m].view(r, m)
+        b = t[o + r * m : o + r * (m + n)].view(r, n)
+        y = (bias.double() if bias is not None else 0) + coef_a[i] * (b @ x[i].double()) @ a
+        if with_e:
+            y = y + coef_e[i] * t[o + r * (m + n) : o + r * (m + n) + m]
         rows.append(y)
     return torch.stack(rows).float()
 
 
 @needs_compiler
+@pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("n, m", [(3, 4), (37, 21), (64, 256), (256, 8)])
 @pytest.mark.parametrize("with_bias, with_e", [(True, True), (True, False), (False, True), (False, False)])
-def test_builds_into_cache_and_computes_the_rows(fresh, n, m, with_bias, with_e) -> None:
+def test_builds_into_cache_and_computes_the_rows(fresh, rank, n, m, with_bias, with_e) -> None:
     """A fresh cache gets one library; its rows equal the formula for vector bodies and tails."""
     assert kernels.available()
     assert [p.suffix for p in fresh.iterdir()] == [".so"]  # no temp files left behind
-    torch.manual_seed(n * m)
-    members = 5
-    table = torch.randn(4000).half()
-    offsets = torch.randint(0, 4000 - (2 * m + n), (members,))
+    torch.manual_seed(n * m + rank)
+    members, width = 5, rank * (m + n) + m
+    table = torch.randn(8000).half()
+    offsets = torch.randint(0, 8000 - width, (members,))
     x = torch.randn(members, n)
     bias = torch.randn(m) if with_bias else None
     coef_a, coef_e = torch.randn(members), torch.randn(members)
     out = torch.empty(members, m)
-    pos_e = m + n if with_e else -1
-    kernels.lowrank_rows(x, table, offsets, coef_a, coef_e, bias, out, 0, m, pos_e)
-    expected = _by_hand(x, table, offsets, coef_a, coef_e, bias, n, m, with_e)
+    pos_e = rank * (m + n) if with_e else -1
+    kernels.lowrank_rows(x, table, offsets, coef_a, coef_e, bias, out, rank, 0, rank * m, pos_e)
+    expected = _by_hand(x, table, offsets, coef_a, coef_e, bias, n, m, rank, with_e)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -72,7 +74,7 @@ def test_half_conversion_covers_every_finite_float16(fresh) -> None:
     out = torch.empty(1, m)
     one = torch.ones(1)
     start = torch.zeros(1, dtype=torch.int64)
-    kernels.lowrank_rows(torch.ones(1, 1), table, start, one, one, None, out, 1, 0, -1)
+    kernels.lowrank_rows(torch.ones(1, 1), table, start, one, one, None, out, 1, 1, 0, -1)
     torch.testing.assert_close(out[0], table[1:].float(), rtol=0, atol=0)
 
 
@@ -83,9 +85,9 @@ def test_refuses_inputs_it_cannot_read(fresh) -> None:
     x, out = torch.zeros(2, 3), torch.zeros(2, 4)
     offsets, coef = torch.zeros(2, dtype=torch.int64), torch.ones(2)
     with pytest.raises(ValueError, match="dtypes and shapes"):
-        kernels.lowrank_rows(x, torch.zeros(100), offsets, coef, coef, None, out, 0, 4, -1)
+        kernels.lowrank_rows(x, torch.zeros(100), offsets, coef, coef, None, out, 1, 0, 4, -1)
     with pytest.raises(ValueError, match="dtypes and shapes"):
-        kernels.lowrank_rows(x.double(), torch.zeros(100).half(), offsets, coef, coef, None, out, 0, 4, -1)
+        kernels.lowrank_rows(x.double(), torch.zeros(100).half(), offsets, coef, coef, None, out, 1, 0, 4, -1)
 
 
 def test_disabled_by_environment(fresh, monkeypatch) -> None:
@@ -94,7 +96,7 @@ def test_disabled_by_environment(fresh, monkeypatch) -> None:
     assert not kernels.available()
     assert list(fresh.iterdir()) == []
     with pytest.raises(RuntimeError, match="not available"):
-        kernels.lowrank_rows(*[torch.zeros(1, 1)] * 7, 0, 0, -1)
+        kernels.lowrank_rows(*[torch.zeros(1, 1)] * 7, 1, 0, 0, -1)
 
 
 def test_failed_build_falls_back_cleanly(fresh, monkeypatch) -> None:
