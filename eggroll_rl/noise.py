@@ -93,10 +93,6 @@ class NoiseTable:
         span = np.uint64(self.size - self.width + 1)
         return torch.from_numpy((h % span).astype(np.int64)).to(self.table.device)
 
-    def sample(self, generation: int, draws: int) -> torch.Tensor:
-        """Return the ``(draws, width)`` noise of one generation."""
-        return self.windows(self.offsets(generation, draws))
-
     def windows(self, offsets: torch.Tensor) -> torch.Tensor:
         """Return the ``(len(offsets), width)`` windows that start at ``offsets``."""
         return self.table.unfold(0, self.width, 1).index_select(0, offsets)

@@ -225,8 +225,8 @@ def _kernel_inputs(
 ) -> tuple[torch.Tensor, ...] | None:
     """Return (float16 table, member window starts, A coefficients, e coefficients) for the kernel.
 
-    None where the kernel does not apply: rank above the kernel's limit, noise not read from a table, a Linear
-    parameter that is not CPU float32, or no compiled kernel in this process.
+    None where the kernel does not apply: rank above the kernel's limit, noise not read from a
+    table, a Linear parameter that is not CPU float32, or no compiled kernel in this process.
     """
     if p.source is None or p.rank > kernels.MAX_RANK:
         return None
