@@ -1,18 +1,25 @@
-"""A compiled CPU kernel for EGGROLL's per-member low-rank term, built on first use.
+"""Compiled CPU kernels for EGGROLL's population forward (C source: ``kernels.c``), built on first use.
 
-A member's ``nn.Linear`` output is the shared ``x W^T`` plus ``b + c_e e_i + c_a (x B_i) A_i^T``.
-In PyTorch ops that per-member part takes a dot, an ``addcmul`` and per-generation copies of the
-noise laid out for them. This C kernel computes it in one pass per row and reads
-``A_i``, ``B_i`` and ``e_i`` straight from the float16 copy of the noise table (the table's numbers
-are float16 values, see :mod:`eggroll_rl.noise`): half the bytes of float32 copies, and the
-forward is bound by those bytes. The shared GEMM is then accumulated into the result in place by
-PyTorch (MKL), as before.
+Two kernels, both reading each member's factors straight from the float16 copy of the noise table
+(the table's numbers are float16 values, see :mod:`eggroll_rl.noise`; the forward is bound by
+those bytes):
 
-It is compiled with the system C compiler (``$CC``, else ``cc``; OpenMP, ``-march=native``) into
-``$EGGROLL_RL_CACHE`` (default ``~/.cache/eggroll_rl``) the first time a CPU population needs
-it; OpenMP resolves to the runtime PyTorch already loaded, so both share one thread pool. Without
-a compiler, on a failed build, for rank > 64, for non-float32 or non-CPU tensors, or with
-``EGGROLL_RL_KERNEL=0``, the population uses the PyTorch-ops path, which computes the same numbers.
+- `lowrank_rows`: the per-member part of one ``nn.Linear``, ``b + c_e e_i + c_a (x B_i) A_i^T``,
+  in one pass per row. The layer-wise forward adds the shared ``x W^T`` with PyTorch (MKL) in
+  place. Used for any model made of ``nn.Linear``/``nn.LayerNorm`` layers.
+- `MLPKernel`: a whole MLP policy (observation normaliser, then Linear + tanh/relu/identity
+  layers) for every member in one call, shared GEMM included, each tile of rows kept in L1 through
+  every layer, with an optional argmax that writes Discrete actions directly. A rollout calls it
+  once per env step, so this replaces six to nine PyTorch calls per step with one. Used for models
+  that describe themselves with ``mlp_plan()`` (`eggroll_rl.policies.Policy`).
+
+They are compiled with the system C compiler (``$CC``, else ``cc``; OpenMP, ``-march=native``)
+into ``$EGGROLL_RL_CACHE`` (default ``~/.cache/eggroll_rl``) the first time a CPU population needs
+them; OpenMP resolves to the runtime PyTorch already loaded, so both share one thread pool.
+Without a compiler, on a failed build, for rank > 64, for non-float32 or non-CPU tensors, or with
+``EGGROLL_RL_KERNEL=0``, the population uses the PyTorch-ops path, which computes the same numbers
+(up to float32 rounding: the fused kernel sums in its own order and has its own tanh, within 2.5e-7
+of the exact one).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,127 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_RANK = 64  # the kernel keeps a member's r dot products in a fixed-size array
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <stddef.h>
-#include <string.h>
-#define MAX_RANK 64
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
-/* IEEE half -> float, for tails and for builds without F16C. */
-static inline float half_to_float(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-  if (exp == 0 && man == 0) {
-    bits = sign;
-  } else if (exp == 0) {  /* subnormal: renormalise */
-    exp = 1;
-    while (!(man & 0x400u)) { man <<= 1; --exp; }
-    bits = sign | ((exp + 112u) << 23) | ((man & 0x3ffu) << 13);
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  }
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-/* AVX2 + F16C: 8 lanes. (16-lane AVX-512 was measured no faster here.) */
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#define W 8
-typedef __m256 vec;
-static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline vec hload(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-static inline vec vset(float v) { return _mm256_set1_ps(v); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-static inline float vsum(vec v) {
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  q = _mm_hadd_ps(q, q);
-  return _mm_cvtss_f32(_mm_hadd_ps(q, q));
-}
-#endif
-
-/* x . b over n numbers, b float16. */
-static inline float dot_half(const float* restrict x, const uint16_t* restrict b, int64_t n) {
-  int64_t j = 0;
-  float s = 0.f;
-#ifdef W
-  /* Two accumulators so consecutive FMAs do not wait on each other. */
-  vec s0 = vset(0.f), s1 = vset(0.f);
-  for (; j + 2 * W <= n; j += 2 * W) {
-    s0 = vfma(vload(x + j), hload(b + j), s0);
-    s1 = vfma(vload(x + j + W), hload(b + j + W), s1);
-  }
-  for (; j + W <= n; j += W) s0 = vfma(vload(x + j), hload(b + j), s0);
-  s = vsum(s0) + vsum(s1);
-#endif
-  for (; j < n; ++j) s += x[j] * half_to_float(b[j]);
-  return s;
-}
-
-/* y = bias + ce e + sum_q (ca (x . b_q)) a_q for one row. The factors are stored factor-major:
-   b_q = b + q n and a_q = a + q m are contiguous; a, b, e are float16 table numbers. */
-static inline __attribute__((always_inline)) void member_row(
-    const float* restrict x, const uint16_t* restrict a, const uint16_t* restrict b,
-    const uint16_t* restrict e, float ce, float ca, const float* restrict bias, float* restrict y,
-    int64_t n, int64_t m, int64_t r) {
-  float s[MAX_RANK];
-  for (int64_t q = 0; q < r; ++q) s[q] = ca * dot_half(x, b + q * n, n);
-  int64_t j = 0;
-#ifdef W
-  const vec cv = vset(ce), zero = vset(0.f);
-  for (; j + W <= m; j += W) {
-    vec v = bias ? vload(bias + j) : zero;
-    if (e) v = vfma(cv, hload(e + j), v);
-    for (int64_t q = 0; q < r; ++q) v = vfma(vset(s[q]), hload(a + q * m + j), v);
-    vstore(y + j, v);
-  }
-#endif
-  for (; j < m; ++j) {
-    float v = bias ? bias[j] : 0.f;
-    if (e) v += ce * half_to_float(e[j]);
-    for (int64_t q = 0; q < r; ++q) v += s[q] * half_to_float(a[q * m + j]);
-    y[j] = v;
-  }
-}
-
-/* Rows i*k .. i*k+k-1 belong to member i, whose A (r x m), B (r x n) and e (m) start at
-   off[i] + pa, + pb, + pe (pe < 0: no e). Members are split into contiguous blocks per thread,
-   the same rows each thread's share of the following GEMM is likely to touch. */
-void eggroll_lowrank_rows(const float* restrict x, const uint16_t* restrict table,
-                          const int64_t* restrict off, const float* restrict ca,
-                          const float* restrict ce, const float* restrict bias,
-                          float* restrict y, int64_t members, int64_t k, int64_t n, int64_t m,
-                          int64_t r, int64_t pa, int64_t pb, int64_t pe, int nthreads) {
-  #pragma omp parallel for schedule(static) num_threads(nthreads) \
-      if (nthreads > 1 && members * k * r * (n + m) > 32768)
-  for (int64_t i = 0; i < members; ++i) {
-    const uint16_t* w = table + off[i];
-#ifdef W
-    if (i + 2 < members) {  /* the table windows are random: start the next fetches early */
-      const uint16_t* nw = table + off[i + 2];
-      for (int64_t j = 0; j < n * r; j += 32) _mm_prefetch((const char*)(nw + pb + j), _MM_HINT_T0);
-      for (int64_t j = 0; j < m * r; j += 32) _mm_prefetch((const char*)(nw + pa + j), _MM_HINT_T0);
-      if (pe >= 0)
-        for (int64_t j = 0; j < m; j += 32) _mm_prefetch((const char*)(nw + pe + j), _MM_HINT_T0);
-    }
-#endif
-    const uint16_t* e = pe >= 0 ? w + pe : NULL;
-    const float cei = pe >= 0 ? ce[i] : 0.f;
-    for (int64_t row = i * k; row < (i + 1) * k; ++row) {
-      /* A literal rank 1 lets the compiler drop the factor loops on the common path. */
-      if (r == 1)
-        member_row(x + row * n, w + pa, w + pb, e, cei, ca[i], bias, y + row * m, n, m, 1);
-      else
-        member_row(x + row * n, w + pa, w + pb, e, cei, ca[i], bias, y + row * m, n, m, r);
-    }
-  }
-}
-"""
+_SOURCE = (Path(__file__).parent / "kernels.c").read_text()
 
 
 def _cache_dir() -> Path:
@@ -174,18 +62,20 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor() + "".join(lines)
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compile the kernel into ``target`` atomically (temp file in the same folder, then rename)."""
+def _compile(compiler: str, target: Path, variants: tuple[tuple[str, ...], ...]) -> None:
+    """Compile the kernels into ``target`` atomically (temp file in the same folder, then rename).
+
+    The first of the flag ``variants`` that compiles wins.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "lowrank.c"
+        src = Path(tmp) / "kernels.c"
         src.write_text(_SOURCE)
         out = Path(tmp) / target.name
         base = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", str(src), "-o", str(out)]
         errors = []
-        # -march=native where the compiler knows it; a portable build otherwise.
-        for flags in (["-march=native"], []):
-            proc = subprocess.run(base + flags, capture_output=True, text=True, timeout=120)
+        for flags in variants:
+            proc = subprocess.run(base + list(flags), capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 os.replace(out, target)
                 return
@@ -193,28 +83,40 @@ def _compile(compiler: str, target: Path) -> None:
         raise RuntimeError(f"{compiler} failed: {errors[-1]}")
 
 
+# -march=native where the compiler knows it; a portable build otherwise.
+_NATIVE = (("-march=native",), ())
+
+
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """Return the compiled kernel, building it on first use; None where it cannot be had."""
+def _library(variants: tuple[tuple[str, ...], ...] = _NATIVE) -> ctypes.CDLL | None:
+    """Return the compiled kernels, building them on first use; None where they cannot be had.
+
+    ``variants`` (compiler flags to try in turn) other than the default build other instruction
+    sets of the same source, which the tests use to check the AVX2 and SSE code paths.
+    """
     if os.environ.get("EGGROLL_RL_KERNEL", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         log.info("no C compiler found: EGGROLL populations use the PyTorch-ops path")
         return None
-    key = hashlib.sha256((_SOURCE + compiler + _cpu_signature()).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"lowrank-{key}.so"
+    signature = _SOURCE + compiler + _cpu_signature() + repr(variants)
+    key = hashlib.sha256(signature.encode()).hexdigest()[:16]
+    path = _cache_dir() / f"kernels-{key}.so"
     try:
         if not path.exists():
-            _compile(compiler, path)
+            _compile(compiler, path, variants)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.info("EGGROLL CPU kernel unavailable (%s): using the PyTorch-ops path", exc)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn = lib.eggroll_lowrank_rows
-    fn.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_int]
-    fn.restype = None
+    lib.eggroll_lowrank_rows.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_int]
+    lib.eggroll_lowrank_rows.restype = None
+    lib.eggroll_mlp_forward.argtypes = [p, p] + [i64] * 4 + [p, p, i64, ctypes.c_int]
+    lib.eggroll_mlp_forward.restype = None
+    lib.eggroll_tanh.argtypes = [p, p, i64]
+    lib.eggroll_tanh.restype = None
     return lib
 
 
@@ -279,3 +181,205 @@ def lowrank_rows(
         torch.get_num_threads(),
     )
     return out
+
+
+# -- the fused MLP forward ------------------------------------------------------------------------
+
+ACTIVATIONS = {"identity": 0, "tanh": 1, "relu": 2}  # what the fused forward computes itself
+MAX_WIDTH = 1024  # widest layer (its tile buffers live on the stack: 128 * width bytes)
+_PAD = 16  # output columns are padded to a multiple of every vector width the C code may use
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("wt", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("m", ctypes.c_int64),
+        ("m_pad", ctypes.c_int64),
+        ("pa", ctypes.c_int64),
+        ("pb", ctypes.c_int64),
+        ("pe", ctypes.c_int64),
+        ("act", ctypes.c_int64),
+    ]
+
+
+class _MLP(ctypes.Structure):
+    _fields_ = [
+        ("nlayers", ctypes.c_int64),
+        ("in_dim", ctypes.c_int64),
+        ("ld", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("window", ctypes.c_int64),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("table", ctypes.c_void_p),
+        ("off", ctypes.c_void_p),
+        ("ca", ctypes.c_void_p),
+        ("ce", ctypes.c_void_p),
+        ("mean", ctypes.c_void_p),
+        ("std", ctypes.c_void_p),
+        ("clip", ctypes.c_float),
+    ]
+
+
+@dataclass(frozen=True)
+class MLPLayer:
+    """One ``Linear`` + activation of a fused MLP, and where its noise sits in a member's window.
+
+    ``where`` is ``(pos_a, pos_b, pos_e)``; ``pos_a``/``pos_b`` < 0: the weight is not perturbed,
+    ``pos_e`` < 0: the bias is not.
+    """
+
+    weight: torch.Tensor  # (m, n)
+    bias: torch.Tensor | None  # (m,)
+    activation: str
+    where: tuple[int, int, int] = (-1, -1, -1)
+
+
+@dataclass(frozen=True)
+class MemberNoise:
+    """Where each member's noise lives: the float16 table, window starts and coefficients."""
+
+    table: torch.Tensor  # float16
+    offsets: torch.Tensor  # (members,) int64
+    coef_a: torch.Tensor  # (members,) float32: sign_i sigma / sqrt(r)
+    coef_e: torch.Tensor  # (members,) float32: sign_i sigma
+    rank: int
+    window: int  # numbers a member reads from its offset on
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class MLPKernel:
+    """A whole MLP (normaliser, then Linear + activation layers) for every member in one C call.
+
+    Member ``i``'s layer computes ``h W^T + b + c_e[i] e_i + c_a[i] (h B_i) A_i^T`` with the
+    factors read from the noise table (see :func:`lowrank_rows`); without ``noise`` every row is
+    the center. The normaliser is ``clamp((x - mean) / std, -clip, clip)``, its tensors read at
+    every call. Weights are copied (transposed, padded) here: build one per set of parameters.
+    """
+
+    def __init__(
+        self,
+        layers: list[MLPLayer],
+        normalizer: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+        noise: MemberNoise | None = None,
+    ) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("the EGGROLL CPU kernel is not available in this process")
+        if not layers:
+            raise ValueError("MLPKernel needs at least one layer")
+        keep: list[torch.Tensor] = []
+
+        def held(t: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().to(dtype).contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        structs = []
+        fan_in = layers[0].weight.shape[1]
+        self.in_dim = fan_in
+        for layer in layers:
+            m, n = layer.weight.shape
+            if n != fan_in:
+                raise ValueError(f"layer input size {n} does not follow the previous output {fan_in}")
+            if layer.activation not in ACTIVATIONS:
+                raise ValueError(f"activation {layer.activation!r} is not one of {sorted(ACTIVATIONS)}")
+            m_pad = -(-m // _PAD) * _PAD
+            wt = torch.zeros(n, m_pad)
+            wt[:, :m] = layer.weight.detach().T
+            pa, pb, pe = layer.where if noise is not None else (-1, -1, -1)
+            structs.append(
+                _Layer(held(wt), held(layer.bias), n, m, m_pad, pa, pb, pe, ACTIVATIONS[layer.activation])
+            )
+            fan_in = m
+        self.out_dim = fan_in
+        ld = max([self.in_dim] + [s.m_pad for s in structs])
+        if ld > MAX_WIDTH:
+            raise ValueError(f"layers wider than {MAX_WIDTH} are not fused (got {ld})")
+        self._layers = (_Layer * len(structs))(*structs)
+        mean, std, clip = normalizer if normalizer is not None else (None, None, 0.0)
+        if normalizer is not None:
+            # Read at every call, not copied: a normaliser refreshed in place applies at once.
+            if not all(
+                t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                and t.shape == (self.in_dim,)
+                for t in (mean, std)
+            ):  # fmt: skip
+                raise ValueError(f"normaliser mean/std must be contiguous CPU float32 ({self.in_dim},)")
+            keep += [mean, std]
+        self._plan = _MLP(
+            len(structs), self.in_dim, ld, 0, 0, self._layers, None, None, None, None,
+            _addr(mean), _addr(std), float(clip),
+        )  # fmt: skip
+        self.members: int | None = None
+        if noise is not None:
+            if noise.table.dtype != torch.float16 or not 1 <= noise.rank <= MAX_RANK:
+                raise ValueError("MemberNoise needs a float16 table and 1 <= rank <= MAX_RANK")
+            self.members = noise.offsets.numel()
+            self._plan.rank, self._plan.window = noise.rank, noise.window
+            self._plan.table = held(noise.table, torch.float16)
+            self._plan.off = held(noise.offsets, torch.int64)
+            self._plan.ca, self._plan.ce = held(noise.coef_a), held(noise.coef_e)
+        self._keep = keep
+        self._fn = lib.eggroll_mlp_forward
+        self._plan_ref = ctypes.byref(self._plan)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor | None = None,
+        actions: torch.Tensor | None = None,
+        action_start: int = 0,
+    ) -> torch.Tensor:
+        """Return the outputs ``(rows, out_dim)`` for ``x`` ``(rows, in_dim)`` (any strides).
+
+        With members, rows ``i*k .. i*k+k-1`` go to member ``i``. With ``actions`` (int64,
+        ``(rows,)``), each row's first argmax plus ``action_start`` is written there too, and
+        ``out`` is only written if given.
+        """
+        rows = x.shape[0]
+        members = self.members or rows
+        if x.dtype != torch.float32:
+            raise TypeError(f"population input must be float32 like the model, got {x.dtype}")
+        if not (
+            x.dim() == 2
+            and x.shape[1] == self.in_dim
+            and x.device.type == "cpu"
+            and rows % members == 0
+            and min(x.stride()) >= 0
+        ):
+            raise ValueError(
+                f"MLPKernel input must be a CPU (rows, {self.in_dim}) tensor with rows a multiple "
+                f"of {members}, got shape {tuple(x.shape)} on {x.device}"
+            )
+        if actions is None and out is None:
+            out = x.new_empty(rows, self.out_dim)
+        if out is not None and not (out.is_contiguous() and out.shape == (rows, self.out_dim)):
+            raise ValueError(f"out must be a contiguous ({rows}, {self.out_dim}) tensor")
+        if actions is not None and not (actions.dtype == torch.int64 and actions.shape == (rows,)):
+            raise ValueError(f"actions must be an int64 tensor of shape ({rows},)")
+        rs, cs = x.stride()
+        self._fn(
+            self._plan_ref, x.data_ptr(), rows, members, rs, cs, _addr(out), _addr(actions),
+            action_start, torch.get_num_threads(),
+        )  # fmt: skip
+        return out if out is not None else actions
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """Return the fused forward's tanh of a contiguous float32 tensor (for its accuracy test)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the EGGROLL CPU kernel is not available in this process")
+    x = x.contiguous()
+    if x.dtype != torch.float32:
+        raise ValueError(f"tanh needs float32, got {x.dtype}")
+    y = torch.empty_like(x)
+    lib.eggroll_tanh(x.data_ptr(), y.data_ptr(), x.numel())
+    return y

@@ -41,6 +41,8 @@ _ACT_SPACES = "Discrete, MultiDiscrete, MultiBinary, and Box (fully bounded or f
 
 # Encodes one batched (vector-env) observation into a float32 tensor (batch, dim).
 _Encoder = Callable[[Any, int], torch.Tensor]
+# A policy forward as plain layers: normaliser (mean, std, clip) or None, (Linear, activation) pairs.
+MLPPlan = tuple[tuple[torch.Tensor, torch.Tensor, float] | None, list[tuple[nn.Linear, str]]]
 
 
 def _unsupported(space: gym.Space, side: str, supported: str, why: str = "") -> ValueError:
@@ -305,6 +307,31 @@ class Policy(nn.Module):
         if self.obs_norm is not None:
             obs = self.obs_norm(obs)
         return self.net(obs)
+
+    @property
+    def argmax_offset(self) -> int | None:
+        """The Discrete space's start when deterministic actions are ``argmax + start``, else None."""
+        space = self.action_space
+        return int(space.start) if isinstance(space, spaces.Discrete) else None
+
+    def mlp_plan(self) -> MLPPlan | None:
+        """Describe this forward as plain layers for fused implementations; None once overridden.
+
+        Returns the normaliser ``(mean, std, clip)`` (None without one) and the
+        ``(Linear, activation name)`` pairs in order (the head's activation is ``"identity"``).
+        """
+        if type(self).forward is not Policy.forward:
+            return None
+        norm = self.obs_norm
+        normalizer = (norm.mean, norm.std, norm.clip) if norm is not None else None
+        modules = list(self.net)
+        names = {cls: name for name, cls in ACTIVATIONS.items()}
+        stack = []
+        for i, mod in enumerate(modules):
+            if type(mod) is nn.Linear:
+                follower = modules[i + 1] if i + 1 < len(modules) else nn.Identity()
+                stack.append((mod, names.get(type(follower), "unsupported")))
+        return normalizer, stack
 
     def preprocess(self, obs: Any) -> torch.Tensor:
         """Turn a vector env's batched observation into a float32 tensor (batch, obs_dim)."""

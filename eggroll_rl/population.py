@@ -94,6 +94,10 @@ class Population:
         with torch.no_grad():
             return self._forward(x)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Return each row's first argmax over the outputs (int64, ``x.shape[:-1]``)."""
+        return self(x).argmax(-1)
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -180,15 +184,14 @@ class LowRankPopulation(Population):
             return out.view(n, *param.shape)
 
         kernel = _kernel_inputs(p, self.model, draw, sign)
+        self._mlp = _fused_mlp(p, self.model, kernel, param_names) if kernel is not None else None
+        if self._mlp is not None:
+            return  # the whole forward is one kernel call: no per-layer forwards needed
         for mod in self.model.modules():
             if type(mod) is nn.Linear:
                 name = param_names.get(mod.weight)
                 if kernel is not None and name in p.lowrank:
-                    bias_name = param_names.get(mod.bias) if mod.bias is not None else None
-                    where = (p.position(name + ":A"), p.position(name + ":B"))
-                    if bias_name is not None and p.has_vector(bias_name):
-                        where += (p.position(bias_name),)
-                    fwd = _kernel_linear(mod, kernel, p.rank, where)
+                    fwd = _kernel_linear(mod, kernel, p.rank, _noise_positions(p, mod, param_names))
                     self._forwards.append((mod.__dict__, fwd))
                     continue
                 factors = None
@@ -208,7 +211,18 @@ class LowRankPopulation(Population):
                 fwd = _layer_norm(mod, member_vector(mod.weight), member_vector(mod.bias))
                 self._forwards.append((mod.__dict__, fwd))
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Return each row's first argmax over the outputs (int64, ``x.shape[:-1]``)."""
+        if self._mlp is None or x.shape[0] != self._len:
+            return super().argmax(x)
+        actions = torch.empty(x.shape[:-1], dtype=torch.int64)
+        self._mlp(x.reshape(-1, x.shape[-1]), actions=actions.view(-1))
+        return actions
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mlp is not None:
+            out = self._mlp(x.reshape(-1, x.shape[-1]))
+            return out.view(*x.shape[:-1], out.shape[1])
         # Instance attributes shadow the class's forward; writing the instance dicts directly skips
         # nn.Module.__setattr__/__delattr__ (a few microseconds per module per call).
         for attrs, fwd in self._forwards:
@@ -241,6 +255,51 @@ def _kernel_inputs(
     return table, offsets.index_select(0, draw).contiguous(), coef_a, coef_e
 
 
+def _noise_positions(
+    p: LowRankPerturbations, mod: nn.Linear, param_names: dict[nn.Parameter, str]
+) -> tuple[int, int, int]:
+    """Return where a Linear's ``A``, ``B`` and bias noise ``e`` sit in a window (-1: none)."""
+    name = param_names.get(mod.weight)
+    bias_name = param_names.get(mod.bias) if mod.bias is not None else None
+    pos_a, pos_b = (p.position(name + ":A"), p.position(name + ":B")) if name in p.lowrank else (-1, -1)
+    pos_e = p.position(bias_name) if bias_name is not None and p.has_vector(bias_name) else -1
+    return pos_a, pos_b, pos_e
+
+
+def _fused_mlp(
+    p: LowRankPerturbations,
+    model: nn.Module,
+    kernel: tuple[torch.Tensor, ...],
+    param_names: dict[nn.Parameter, str],
+) -> kernels.MLPKernel | None:
+    """Return the whole-model kernel for a model that describes itself as an MLP (``mlp_plan``).
+
+    None where the model gives no plan, or uses a layer or activation the kernel does not
+    compute; the layer-wise forward then runs instead.
+    """
+    describe = getattr(model, "mlp_plan", None)
+    plan = describe() if callable(describe) else None
+    if plan is None:
+        return None
+    normalizer, stack = plan
+    if normalizer is not None and not all(
+        t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in normalizer[:2]
+    ):
+        return None
+    layers = []
+    for mod, activation in stack:
+        if activation not in kernels.ACTIVATIONS:
+            return None
+        layers.append(
+            kernels.MLPLayer(mod.weight, mod.bias, activation, _noise_positions(p, mod, param_names))
+        )
+    if max(max(layer.weight.shape) for layer in layers) > kernels.MAX_WIDTH:
+        return None
+    table, offsets, coef_a, coef_e = kernel
+    noise = kernels.MemberNoise(table, offsets, coef_a, coef_e, p.rank, p.layout.width)
+    return kernels.MLPKernel(layers, normalizer, noise)
+
+
 def _kernel_linear(
     mod: nn.Linear, kernel: tuple[torch.Tensor, ...], rank: int, where: tuple[int, ...]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -248,14 +307,13 @@ def _kernel_linear(
 
     The kernel writes ``b + c_e e_i + c_a (x B_i) A_i^T`` with ``A_i``, ``B_i``, ``e_i`` read
     from the noise table; the shared GEMM is then accumulated into it in place (``addmm_``).
-    ``where`` holds the positions of ``A`` and ``B`` in a draw's window, and of ``e`` when the
-    bias is perturbed.
+    ``where`` holds the positions of ``A``, ``B`` and ``e`` in a draw's window (``e``: -1 when the
+    bias is not perturbed).
     """
     table, offsets, coef_a, coef_e = kernel
     w_t = mod.weight.detach().T
     bias = mod.bias.detach().contiguous() if mod.bias is not None else None
-    pos_a, pos_b = where[:2]
-    pos_e = where[2] if len(where) > 2 else -1
+    pos_a, pos_b, pos_e = where
     out_features = mod.out_features
 
     def forward(x: torch.Tensor) -> torch.Tensor:

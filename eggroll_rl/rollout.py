@@ -470,16 +470,27 @@ class RolloutFitness(BatchedFitness):
         device = population.device
         on_cpu = device.type == "cpu"
 
+        # Discrete actions are the outputs' argmax: the population computes it with the forward
+        # (in the fused CPU kernel, without materialising the outputs).
+        offset = getattr(policy, "argmax_offset", None)
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not on_cpu:
                 x = x.to(device, non_blocking=True)
-            if k == 1:  # 2-D input takes the low-rank forward's fastest path
-                return population(x)
-            return population(x.view(members, k, -1)).view(num_envs, -1)
+            if k > 1:  # member-major rows: member i plays rows i*k .. i*k+k-1
+                x = x.view(members, k, -1)
+            y = population(x) if offset is None else population.argmax(x)
+            return y.reshape(num_envs, *y.shape[2:]) if k > 1 else y
+
+        def act(y: torch.Tensor) -> np.ndarray:
+            if offset is None:
+                return policy.act(y)
+            a = y.numpy() if y.device.type == "cpu" else y.cpu().numpy()
+            return a + offset if offset else a
 
         with torch.no_grad():
             batch = run_episodes(
-                env, policy.preprocess, forward, policy.act, 1, seeds, self.max_episode_steps, record
+                env, policy.preprocess, forward, act, 1, seeds, self.max_episode_steps, record
             )
         returns = batch.returns[:, 0]
         fitness = torch.from_numpy(returns.reshape(members, k).mean(axis=1))

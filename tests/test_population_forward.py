@@ -4,17 +4,20 @@ Member i's materialised model holds ``center + perturbations[i]`` (for a matrix
 ``W + sign_i sigma / sqrt(r) A_i B_i^T``, built densely by ``LowRankPerturbations.__getitem__``);
 the batched forward never forms it. Every variant of the Linear forward (rank 1 and rank > 1,
 shared / per-member / no bias, 2-D and (N, k, ..., in) inputs, frozen weights) and the LayerNorm
-forward are checked on random members, on both paths: the compiled CPU kernel
-(``population._kernel_linear``) and the PyTorch ops (``population._linear``).
+forward are checked on random members, on both paths: the compiled CPU kernels and the PyTorch
+ops (``population._linear``). On the kernel path a `Policy` (which describes itself with
+``mlp_plan``) runs whole in one fused call (``kernels.MLPKernel``), other models layer by layer
+(``population._kernel_linear``).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from gymnasium import spaces
 from torch import nn
 
-from eggroll_rl import EGGROLLTrainer, batched_fitness, kernels
+from eggroll_rl import EGGROLLTrainer, batched_fitness, kernels, make_policy
 
 
 @pytest.fixture(autouse=True, params=["kernel", "torch"])
@@ -46,6 +49,21 @@ def _model(kind: str) -> nn.Module:
         return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16, elementwise_affine=False), nn.Linear(16, 3))
     if kind == "ln_nobias":
         return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16, bias=False), nn.Linear(16, 3))
+    if kind.startswith("policy"):
+        activation, hidden, norm = {
+            "policy": ("tanh", (16, 16), True),
+            "policy_relu": ("relu", (37,), False),
+            "policy_linear": ("tanh", (), True),
+            "policy_elu": ("elu", (16,), True),  # an activation the fused kernel does not compute
+        }[kind]
+        obs = spaces.Box(-float("inf"), float("inf"), (6,))
+        policy = make_policy(obs, spaces.Discrete(3), hidden, activation, norm)
+        with torch.no_grad():
+            policy.net[-1].weight.normal_()  # a head far from its near-zero start
+        if norm:
+            policy.obs_norm.update(torch.randn(200, 6) * torch.tensor([0.1, 1, 2, 3, 5, 10]) + 1)
+            policy.obs_norm.freeze()
+        return policy
     if kind == "frozen_weight":  # a Linear whose weight is not trained: no low-rank factors
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
         model[0].weight.requires_grad_(False)
@@ -79,6 +97,8 @@ def _check(kind: str, rank: int, noise_reuse: int, lead: tuple[int, ...], freeze
         with torch.no_grad():
             expected = torch.func.functional_call(model, (params, buffers), (x[i],))
         torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-5)
+    # argmax over the outputs, fused where the kernel runs the whole model
+    assert torch.equal(pop.argmax(x), batched.argmax(-1))
     # the population leaves the model's own forward untouched
     assert all("forward" not in m.__dict__ for m in model.modules())
 
@@ -95,6 +115,32 @@ def test_mlp_matches_materialised(rank: int, noise_reuse: int, lead: tuple[int, 
 @pytest.mark.parametrize("lead", [(), (5,)], ids=["2d", "3d"])
 def test_module_kinds_match_materialised(kind: str, rank: int, lead: tuple[int, ...]) -> None:
     _check(kind, rank, 0, lead)
+
+
+@pytest.mark.parametrize("kind", ["policy", "policy_relu", "policy_linear", "policy_elu"])
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("noise_reuse", [0, 2])
+@pytest.mark.parametrize("lead", [(), (5,)], ids=["2d", "3d"])
+def test_policies_match_materialised(kind: str, rank: int, noise_reuse: int, lead: tuple[int, ...]) -> None:
+    _check(kind, rank, noise_reuse, lead)
+
+
+@pytest.mark.parametrize("kind", ["policy", "policy_relu"])
+def test_policy_freeze_nonlora_matches_materialised(kind: str) -> None:
+    _check(kind, 2, 2, (), freeze=True)
+
+
+@pytest.mark.parametrize("kind, fused", [("policy", True), ("policy_elu", False), ("mlp", False)])
+def test_policies_run_whole_in_one_kernel_call(forward_path, monkeypatch, kind: str, fused: bool) -> None:
+    """A Policy with supported activations is one fused call per forward; the rest go layer by layer."""
+    calls = []
+    real = kernels.MLPKernel.__call__
+    monkeypatch.setattr(kernels.MLPKernel, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = EGGROLLTrainer(_model(kind), _unused, population_size=4, sigma=0.1)
+    pop = trainer.make_population(trainer.sample_perturbations(4), torch.arange(4))
+    pop(torch.randn(4, 6))
+    pop.argmax(torch.randn(4, 6))
+    assert len(calls) == (2 if forward_path == "kernel" and fused else 0)
 
 
 @pytest.mark.parametrize("rank", [1, 2])

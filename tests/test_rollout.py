@@ -110,6 +110,9 @@ class FakePopulation:
         self.calls += 1
         return self._forward(x)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).argmax(-1)
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 

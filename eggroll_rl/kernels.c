@@ -1,0 +1,369 @@
+/* EGGROLL's compiled CPU kernels (built and loaded by eggroll_rl/kernels.py).
+
+   eggroll_lowrank_rows: the per-member low-rank term of one nn.Linear, for the layer-wise
+   population forward (the shared GEMM is added by PyTorch).
+   eggroll_mlp_forward: a whole MLP policy (observation normaliser, Linear + activation layers)
+   for every member in one call, shared GEMM included, with an optional argmax epilogue.
+   eggroll_tanh: the activation's tanh, exported for its accuracy test. */
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#define MAX_RANK 64
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* IEEE half -> float, for tails and for builds without F16C. */
+static inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0 && man == 0) {
+    bits = sign;
+  } else if (exp == 0) {  /* subnormal: renormalise */
+    exp = 1;
+    while (!(man & 0x400u)) { man <<= 1; --exp; }
+    bits = sign | ((exp + 112u) << 23) | ((man & 0x3ffu) << 13);
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* AVX2 + F16C: 8 lanes. (16-lane AVX-512 was measured no faster here.) */
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define W 8
+typedef __m256 vec;
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec hload(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline vec vset(float v) { return _mm256_set1_ps(v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline float vsum(vec v) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  q = _mm_hadd_ps(q, q);
+  return _mm_cvtss_f32(_mm_hadd_ps(q, q));
+}
+#endif
+
+/* x . b over n numbers, b float16. */
+static inline float dot_half(const float* restrict x, const uint16_t* restrict b, int64_t n) {
+  int64_t j = 0;
+  float s = 0.f;
+#ifdef W
+  /* Two accumulators so consecutive FMAs do not wait on each other. */
+  vec s0 = vset(0.f), s1 = vset(0.f);
+  for (; j + 2 * W <= n; j += 2 * W) {
+    s0 = vfma(vload(x + j), hload(b + j), s0);
+    s1 = vfma(vload(x + j + W), hload(b + j + W), s1);
+  }
+  for (; j + W <= n; j += W) s0 = vfma(vload(x + j), hload(b + j), s0);
+  s = vsum(s0) + vsum(s1);
+#endif
+  for (; j < n; ++j) s += x[j] * half_to_float(b[j]);
+  return s;
+}
+
+/* y = bias + ce e + sum_q (ca (x . b_q)) a_q for one row. The factors are stored factor-major:
+   b_q = b + q n and a_q = a + q m are contiguous; a, b, e are float16 table numbers. */
+static inline __attribute__((always_inline)) void member_row(
+    const float* restrict x, const uint16_t* restrict a, const uint16_t* restrict b,
+    const uint16_t* restrict e, float ce, float ca, const float* restrict bias, float* restrict y,
+    int64_t n, int64_t m, int64_t r) {
+  float s[MAX_RANK];
+  for (int64_t q = 0; q < r; ++q) s[q] = ca * dot_half(x, b + q * n, n);
+  int64_t j = 0;
+#ifdef W
+  const vec cv = vset(ce), zero = vset(0.f);
+  for (; j + W <= m; j += W) {
+    vec v = bias ? vload(bias + j) : zero;
+    if (e) v = vfma(cv, hload(e + j), v);
+    for (int64_t q = 0; q < r; ++q) v = vfma(vset(s[q]), hload(a + q * m + j), v);
+    vstore(y + j, v);
+  }
+#endif
+  for (; j < m; ++j) {
+    float v = bias ? bias[j] : 0.f;
+    if (e) v += ce * half_to_float(e[j]);
+    for (int64_t q = 0; q < r; ++q) v += s[q] * half_to_float(a[q * m + j]);
+    y[j] = v;
+  }
+}
+
+/* Rows i*k .. i*k+k-1 belong to member i, whose A (r x m), B (r x n) and e (m) start at
+   off[i] + pa, + pb, + pe (pe < 0: no e). Members are split into contiguous blocks per thread,
+   the same rows each thread's share of the following GEMM is likely to touch. */
+void eggroll_lowrank_rows(const float* restrict x, const uint16_t* restrict table,
+                          const int64_t* restrict off, const float* restrict ca,
+                          const float* restrict ce, const float* restrict bias,
+                          float* restrict y, int64_t members, int64_t k, int64_t n, int64_t m,
+                          int64_t r, int64_t pa, int64_t pb, int64_t pe, int nthreads) {
+  #pragma omp parallel for schedule(static) num_threads(nthreads) \
+      if (nthreads > 1 && members * k * r * (n + m) > 32768)
+  for (int64_t i = 0; i < members; ++i) {
+    const uint16_t* w = table + off[i];
+#ifdef W
+    if (i + 2 < members) {  /* the table windows are random: start the next fetches early */
+      const uint16_t* nw = table + off[i + 2];
+      for (int64_t j = 0; j < n * r; j += 32) _mm_prefetch((const char*)(nw + pb + j), _MM_HINT_T0);
+      for (int64_t j = 0; j < m * r; j += 32) _mm_prefetch((const char*)(nw + pa + j), _MM_HINT_T0);
+      if (pe >= 0)
+        for (int64_t j = 0; j < m; j += 32) _mm_prefetch((const char*)(nw + pe + j), _MM_HINT_T0);
+    }
+#endif
+    const uint16_t* e = pe >= 0 ? w + pe : NULL;
+    const float cei = pe >= 0 ? ce[i] : 0.f;
+    for (int64_t row = i * k; row < (i + 1) * k; ++row) {
+      /* A literal rank 1 lets the compiler drop the factor loops on the common path. */
+      if (r == 1)
+        member_row(x + row * n, w + pa, w + pb, e, cei, ca[i], bias, y + row * m, n, m, 1);
+      else
+        member_row(x + row * n, w + pa, w + pb, e, cei, ca[i], bias, y + row * m, n, m, r);
+    }
+  }
+}
+
+/* ---- The fused MLP forward ------------------------------------------------------------------
+
+   Rows are processed in tiles of TILE rows that stay in L1 through every layer. For each layer the
+   tile's output rows are first set to bias + c_e e_i + c_a (h B_i) A_i^T (member_row), then the
+   shared h W^T is accumulated into them by a register-blocked micro-kernel over W^T (n, m_pad),
+   m_pad a multiple of the vector width (padded columns of W^T are zero). Vectors are GCC vector
+   extensions: AVX-512, AVX2 or SSE registers, whatever -march gives. */
+
+#if defined(__AVX512F__)
+#define VW 16
+#define ACC 16 /* accumulator registers the micro-kernel keeps (of 32) */
+#elif defined(__AVX__)
+#define VW 8
+#define ACC 8 /* of 16 */
+#else
+#define VW 4
+#define ACC 8
+#endif
+#define TILE 16
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf vf_load(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vf_store(float* p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vf_splat(float s) {
+#if VW == 16
+  return (vf)_mm512_set1_ps(s);
+#elif VW == 8
+  return (vf)_mm256_set1_ps(s);
+#else
+  return s - (vf){0}; /* s - 0 is s for every float, -0 included, so this folds to a broadcast */
+#endif
+}
+/* 1 / d to ~1e-7: the hardware estimate refined by one Newton step where there is one. */
+static inline vf vf_recip(vf d) {
+#if defined(__AVX512F__)
+  vf r = (vf)_mm512_rcp14_ps((__m512)d);
+#elif defined(__AVX__)
+  vf r = (vf)_mm256_rcp_ps((__m256)d);
+#else
+  return 1.f / d;
+#endif
+#if defined(__AVX512F__) || defined(__AVX__)
+  return r * (2.f - d * r);
+#endif
+}
+static inline vf vf_select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+/* tanh to ~2 ulp: an odd polynomial below |x| = 0.55 (coefficients fitted to tanh(x)/x in
+   float64 on Chebyshev nodes, relative error 3e-11 before rounding); above it
+   1 - 2 / (exp(2|x|) + 1), with exp(y) = 2^k e^f, |f| <= ln2/2, e^f by its degree-7 Taylor sum. */
+static inline vf vf_tanh(vf x) {
+  const vi sign_bit = (vi){0} + (int32_t)0x80000000;
+  vf a = (vf)((vi)x & ~sign_bit);
+  vf t = x * x;
+  vf p = vf_splat(0.0024048423752563706f);
+  p = p * t + -0.008422206553940695f;
+  p = p * t + 0.02178565197295086f;
+  p = p * t + -0.05396009446682173f;
+  p = p * t + 0.13333296796663646f;
+  p = p * t + -0.33333332794309956f;
+  vf small = x + x * (t * p);
+  vf y = a + a;
+  y = (vf)((vi)(y < 20.f) & (vi)y) + (vf)(~(vi)(y < 20.f) & (vi)vf_splat(20.f)); /* tanh(10) == 1.f */
+  vf kf = y * 1.4426950408889634f + 0.5f;
+  vi k = __builtin_convertvector(kf, vi);          /* truncation of a positive number: floor */
+  vf kff = __builtin_convertvector(k, vf);
+  vf f = y - kff * 0.693145751953125f - kff * 1.4286068203094172e-06f;
+  vf e = vf_splat(1.f / 5040.f);
+  e = e * f + 1.f / 720.f;
+  e = e * f + 1.f / 120.f;
+  e = e * f + 1.f / 24.f;
+  e = e * f + 1.f / 6.f;
+  e = e * f + 0.5f;
+  e = e * f + 1.f;
+  e = e * f + 1.f;
+  e = e * (vf)((k + 127) << 23);
+  vf big = 1.f - 2.f * vf_recip(e + 1.f);
+  big = (vf)(((vi)big) | ((vi)x & sign_bit));
+  return vf_select(a >= 0.55f, big, small); /* NaN fails the test and stays NaN via `small` */
+}
+
+void eggroll_tanh(const float* x, float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + VW <= n; j += VW) vf_store(y + j, vf_tanh(vf_load(x + j)));
+  if (j < n) {
+    float in[VW] = {0}, res[VW];
+    memcpy(in, x + j, (size_t)(n - j) * sizeof(float));
+    vf_store(res, vf_tanh(vf_load(in)));
+    memcpy(y + j, res, (size_t)(n - j) * sizeof(float));
+  }
+}
+
+typedef struct {
+  const float* wt;   /* W^T, (n, m_pad), zero beyond column m */
+  const float* bias; /* (m), or NULL */
+  int64_t n, m, m_pad;
+  int64_t pa, pb, pe; /* positions of A, B, e in a member's window; < 0: not perturbed */
+  int64_t act;        /* 0 identity, 1 tanh, 2 relu */
+} eggroll_layer;
+
+typedef struct {
+  int64_t nlayers, in_dim, ld; /* ld: row stride of the tile buffers, >= every m_pad and in_dim */
+  int64_t rank, window;        /* window: numbers a member reads from the table (prefetched) */
+  const eggroll_layer* layers;
+  const uint16_t* table;       /* float16 noise table; NULL: every member is the center */
+  const int64_t* off;          /* per member: start of its window */
+  const float* ca;             /* per member: sign sigma / sqrt(r) */
+  const float* ce;             /* per member: sign sigma */
+  const float* mean;           /* observation normaliser, or NULL */
+  const float* std;
+  float clip;
+} eggroll_mlp;
+
+/* y[0:rt, c0:c0+v*VW] += h[0:rt, 0:n] @ wt[0:n, c0:...]: rt*v accumulators held in registers. */
+static inline __attribute__((always_inline)) void micro(
+    const int rt, const int v, const float* restrict h, int64_t ld, const float* restrict wt,
+    int64_t ldw, int64_t n, float* restrict y) {
+  vf acc[ACC];
+#pragma GCC unroll 16
+  for (int r = 0; r < rt; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < v; ++q) acc[r * v + q] = vf_load(y + r * ld + q * VW);
+  for (int64_t k = 0; k < n; ++k) {
+    vf w[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < v; ++q) w[q] = vf_load(wt + k * ldw + q * VW);
+#pragma GCC unroll 16
+    for (int r = 0; r < rt; ++r) {
+      vf b = vf_splat(h[r * ld + k]);
+#pragma GCC unroll 4
+      for (int q = 0; q < v; ++q) acc[r * v + q] += b * w[q];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < rt; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < v; ++q) vf_store(y + r * ld + q * VW, acc[r * v + q]);
+}
+
+#define MICRO(RT, V) micro(RT, V, h + r * ld, ld, wt + c, m_pad, n, y + r * ld + c)
+/* Width v (vectors) takes its widest row block, ACC / v rows, then single rows for the rest. */
+#define BLOCKS(V)                                                  \
+  do {                                                             \
+    for (; r + ACC / (V) <= rows; r += ACC / (V)) MICRO(ACC / (V), V); \
+    for (; r < rows; ++r) MICRO(1, V);                             \
+  } while (0)
+static void gemm_acc(const float* h, int64_t ld, const float* wt, int64_t n, int64_t m_pad,
+                     float* y, int rows) {
+  for (int64_t c = 0; c < m_pad; c += 4 * VW) {
+    const int64_t v = (m_pad - c) / VW;
+    int r = 0;
+    if (v >= 4) BLOCKS(4);
+    else if (v == 3) BLOCKS(3);
+    else if (v == 2) BLOCKS(2);
+    else BLOCKS(1);
+  }
+}
+#undef BLOCKS
+#undef MICRO
+
+static void activate(float* y, int64_t ld, int rows, int64_t m_pad, int64_t act) {
+  if (act == 0) return;
+  for (int r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < m_pad; j += VW) {
+      vf v = vf_load(y + r * ld + j);
+      if (act == 1) v = vf_tanh(v);
+      else v = (vf)((vi)(v > 0.f) & (vi)v); /* relu */
+      vf_store(y + r * ld + j, v);
+    }
+}
+
+/* out (rows, m_last) = the MLP of every row, rows i*k .. i*k+k-1 played by member i (k = rows /
+   members). x is read with strides (rs, cs). With `actions`, also write each row's first argmax +
+   action_start there; `out` may then be NULL. */
+void eggroll_mlp_forward(const eggroll_mlp* p, const float* x, int64_t rows, int64_t members,
+                         int64_t rs, int64_t cs, float* out, int64_t* actions,
+                         int64_t action_start, int nthreads) {
+  const int64_t k = rows / members, ld = p->ld, tiles = (rows + TILE - 1) / TILE;
+  const eggroll_layer* last = p->layers + p->nlayers - 1;
+  int64_t work = 0;
+  for (int64_t l = 0; l < p->nlayers; ++l) work += p->layers[l].n * p->layers[l].m_pad;
+  #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && rows * work > 262144)
+  {
+    float buf[2 * TILE * ld];
+    #pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t r0 = tile * TILE;
+      const int t = (int)(rows - r0 < TILE ? rows - r0 : TILE);
+      float* h = buf;
+      float* y = buf + TILE * ld;
+      if (p->table && r0 + TILE < rows) { /* the next tile's members' windows are random reads */
+        int64_t end = r0 + 2 * TILE < rows ? r0 + 2 * TILE : rows;
+        for (int64_t i = (r0 + TILE) / k; i <= (end - 1) / k; ++i)
+          for (int64_t j = 0; j < p->window; j += 32) __builtin_prefetch(p->table + p->off[i] + j);
+      }
+      for (int r = 0; r < t; ++r) {
+        const float* xr = x + (r0 + r) * rs;
+        for (int64_t j = 0; j < p->in_dim; ++j) {
+          float v = xr[j * cs];
+          if (p->mean) {
+            v = (v - p->mean[j]) / p->std[j];
+            v = v < -p->clip ? -p->clip : (v > p->clip ? p->clip : v); /* NaN stays NaN */
+          }
+          h[r * ld + j] = v;
+        }
+      }
+      for (int64_t l = 0; l < p->nlayers; ++l) {
+        const eggroll_layer* L = p->layers + l;
+        for (int r = 0; r < t; ++r) {
+          float* yr = y + r * ld;
+          const int64_t i = (r0 + r) / k;
+          if (p->table && (L->pa >= 0 || L->pe >= 0)) {
+            const uint16_t* w = p->table + p->off[i];
+            const int64_t rank = L->pa >= 0 ? p->rank : 0;
+            member_row(h + r * ld, w + (L->pa >= 0 ? L->pa : 0), w + (L->pb >= 0 ? L->pb : 0),
+                       L->pe >= 0 ? w + L->pe : NULL, p->ce[i], p->ca[i], L->bias, yr, L->n, L->m,
+                       rank);
+          } else if (L->bias) {
+            memcpy(yr, L->bias, (size_t)L->m * sizeof(float));
+          } else {
+            memset(yr, 0, (size_t)L->m * sizeof(float));
+          }
+          memset(yr + L->m, 0, (size_t)(L->m_pad - L->m) * sizeof(float));
+        }
+        gemm_acc(h, ld, L->wt, L->n, L->m_pad, y, t);
+        activate(y, ld, t, L->m_pad, L->act);
+        float* swap = h; h = y; y = swap;
+      }
+      for (int r = 0; r < t; ++r) {
+        const float* hr = h + r * ld;
+        if (out) memcpy(out + (r0 + r) * last->m, hr, (size_t)last->m * sizeof(float));
+        if (actions) {
+          int64_t best = 0;
+          for (int64_t j = 1; j < last->m; ++j)
+            if (hr[j] > hr[best]) best = j;
+          actions[r0 + r] = best + action_start;
+        }
+      }
+    }
+  }
+}
