@@ -62,7 +62,7 @@ def test_builds_into_cache_and_computes_the_rows(fresh, rank, n, m, with_bias, w
 
 
 @needs_compiler
-def test_half_conversion_covers_every_finite_float16(fresh) -> None:
+def test_half_conversion_covers_every_finite_float16(build) -> None:
     """Every finite float16 (subnormals included) is read as its exact float32 value."""
     bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
     table = bits.view(torch.float16)
