@@ -10,6 +10,11 @@ regime that matters), then, in the same process:
 (b) the floor: the median of one unperturbed batched ``policy(x)`` on ``(N, 4)`` observations plus
     one raw ``CartPoleVectorEnv.step`` of N sub-envs, interleaved, many repeats.
 
+On CPU the loop runs the policy through the fused kernel (``kernels.MLPKernel``: the whole
+perturbed forward and the argmax in one C call per step); the floor's forward is PyTorch's. For
+scale, the same kernel's unperturbed forward (the center alone) is timed after the floor, in a
+loop of its own, and printed as "kernel plain". ``EGGROLL_RL_KERNEL=0`` times the PyTorch-ops loop instead.
+
     python benchmarks/bench_rollout.py --threads 1
 """
 
@@ -23,15 +28,24 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from eggroll_rl import EGGROLLTrainer, RolloutFitness, make_policy
+from eggroll_rl import EGGROLLTrainer, RolloutFitness, kernels, make_policy
 from eggroll_rl.rollout import make_vec_env
+
+
+def center_kernel(policy) -> kernels.MLPKernel | None:
+    """The fused kernel for the unperturbed policy, where it can be built."""
+    if not kernels.available():
+        return None
+    normalizer, stack = policy.mlp_plan()
+    layers = [kernels.MLPLayer(mod.weight, mod.bias, act) for mod, act in stack]
+    return kernels.MLPKernel(layers, normalizer)
 
 
 def floor_per_step(policy: torch.nn.Module, n: int, repeats: int) -> dict[str, float]:
     """Median seconds of one plain policy forward and one raw vector-env step (interleaved)."""
     env = make_vec_env("CartPole-v1", n)
     obs, _ = env.reset(seed=0)
-    fwd, step = [], []
+    fwd, step, kernel = [], [], []
     with torch.no_grad():
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -43,8 +57,18 @@ def floor_per_step(policy: torch.nn.Module, n: int, repeats: int) -> dict[str, f
             t3 = time.perf_counter()
             fwd.append(t1 - t0)
             step.append(t3 - t2)
+        # The kernel in a loop of its own, so that it cannot disturb the floor's caches.
+        fused = center_kernel(policy)
+        for _ in range(repeats if fused is not None else 0):
+            t0 = time.perf_counter()
+            fused(torch.from_numpy(obs))
+            kernel.append(time.perf_counter() - t0)
     env.close()
-    return {"forward": statistics.median(fwd), "env_step": statistics.median(step)}
+    return {
+        "forward": statistics.median(fwd),
+        "env_step": statistics.median(step),
+        "kernel": statistics.median(kernel) if kernel else float("nan"),
+    }
 
 
 def main() -> None:
@@ -89,7 +113,8 @@ def main() -> None:
         floors.append(floor["forward"] + floor["env_step"])
         print(
             f"  round: loop {1e6 * loops[-1]:.0f} us/step (rollout only {1e6 * rollouts[-1]:.0f}), "
-            f"floor {1e6 * floor['forward']:.0f} + {1e6 * floor['env_step']:.0f} us, "
+            f"floor {1e6 * floor['forward']:.0f} + {1e6 * floor['env_step']:.0f} us "
+            f"(kernel plain {1e6 * floor['kernel']:.0f}), "
             f"mean episode {stats['episode_length_mean']:.0f}, lockstep {stats['lockstep_steps']:.0f}"
         )
     loop, floor_t = float(np.median(loops)), float(np.median(floors))

@@ -2,12 +2,15 @@
 
 A batched fitness receives a :class:`Population` once per generation. Calling the population with
 inputs shaped ``(len(pop), ..., in)`` runs member ``i``'s perturbed model on row ``i`` of the batch
-in one forward pass; a rollout calls it once per environment step.
+in one forward pass; a rollout calls it once per environment step. ``population.argmax(x)``
+returns each row's argmax over the outputs instead (Discrete actions); where the whole model runs
+in the fused CPU kernel the argmax is computed there, without materialising the outputs.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +24,7 @@ from .distributed import World
 from .perturbations import LowRankPerturbations
 
 FitnessValues = torch.Tensor | Any
+log = logging.getLogger(__name__)
 
 
 class BatchedFitness:
@@ -150,7 +154,9 @@ class LowRankPopulation(Population):
     Per-member weight matrices are never formed: the shared ``x W^T`` is one GEMM for the whole
     batch and the low-rank term costs ``O(N r (m + n))``. On CPU float32 it runs in the compiled
     kernel (:mod:`eggroll_rl.kernels`), which reads each member's factors from the
-    noise table. Otherwise (CUDA, other dtypes, no compiler) it runs in PyTorch ops, and
+    noise table; a model that describes itself as an MLP (``mlp_plan()``, as `Policy` does) runs
+    whole in one kernel call (:class:`eggroll_rl.kernels.MLPKernel`). Otherwise (CUDA, other
+    dtypes, no compiler) it runs in PyTorch ops, and
     everything per member is prepared once per generation so that each forward only reads it:
     ``B`` as ``(N, r, n)`` rows, ``A`` signed and scaled by ``sign_i sigma / sqrt(r)`` as
     ``(N, r, m)``, and the member biases ``b + sign_i sigma e_i`` as one ``(N, m)`` matrix.
@@ -282,22 +288,17 @@ def _fused_mlp(
     if plan is None:
         return None
     normalizer, stack = plan
-    if normalizer is not None and not all(
-        t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in normalizer[:2]
-    ):
-        return None
-    layers = []
-    for mod, activation in stack:
-        if activation not in kernels.ACTIVATIONS:
-            return None
-        layers.append(
-            kernels.MLPLayer(mod.weight, mod.bias, activation, _noise_positions(p, mod, param_names))
-        )
-    if max(max(layer.weight.shape) for layer in layers) > kernels.MAX_WIDTH:
-        return None
+    layers = [
+        kernels.MLPLayer(mod.weight, mod.bias, activation, _noise_positions(p, mod, param_names))
+        for mod, activation in stack
+    ]
     table, offsets, coef_a, coef_e = kernel
     noise = kernels.MemberNoise(table, offsets, coef_a, coef_e, p.rank, p.layout.width)
-    return kernels.MLPKernel(layers, normalizer, noise)
+    try:
+        return kernels.MLPKernel(layers, normalizer, noise)
+    except ValueError as exc:  # an activation, width or normaliser it does not take; it says which
+        log.debug("layer-wise population forward: %s", exc)
+        return None
 
 
 def _kernel_linear(

@@ -86,7 +86,32 @@ class TargetEnv(gym.Env):
         return self.target.astype(np.float32), reward, False, self.t >= 5, {}
 
 
-for env_id, entry in (("EggrollTest/Count-v0", CountEnv), ("EggrollTest/Target-v0", TargetEnv)):
+class PickEnv(gym.Env):
+    """Observe a one-hot target; reward 1 per step while the action names it; 4 steps.
+
+    Actions start at 5 (``Discrete(3, start=5)``): an action outside the space is an error.
+    """
+
+    observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
+    action_space = spaces.Discrete(3, start=5)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.target = 0, int(self.np_random.integers(3))
+        return np.eye(3, dtype=np.float32)[self.target], {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"action {action} outside {self.action_space}"
+        reward = float(action == 5 + self.target)
+        self.t, self.target = self.t + 1, (self.target + 1) % 3
+        return np.eye(3, dtype=np.float32)[self.target], reward, False, self.t >= 4, {}
+
+
+for env_id, entry in (
+    ("EggrollTest/Count-v0", CountEnv),
+    ("EggrollTest/Target-v0", TargetEnv),
+    ("EggrollTest/Pick-v0", PickEnv),
+):
     if env_id not in gym.registry:
         gym.register(id=env_id, entry_point=entry)
 
@@ -389,6 +414,29 @@ def test_episodes_per_member_through_the_real_population():
     assert fitness.env.num_envs == 18
     assert stats["env_steps"] >= 18
     assert fitness.state_dict() == {"total_env_steps": int(stats["env_steps"])}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_discrete_actions_are_the_argmax_plus_start(fused, monkeypatch):
+    """Members act with ``argmax + start`` (fused into the forward on CPU): a perfect picker scores 4."""
+    from eggroll_rl import kernels
+
+    if fused and not kernels.available():
+        pytest.skip("no compiled kernel here")
+    if not fused:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    calls = []
+    real = kernels.MLPKernel.__call__
+    monkeypatch.setattr(kernels.MLPKernel, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    env = PickEnv()
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=(), normalize_obs=False)
+    with torch.no_grad():
+        policy.net[0].weight.copy_(10 * torch.eye(3))
+    fitness = RolloutFitness("EggrollTest/Pick-v0", seed=0)
+    trainer = make_trainer(policy, fitness, population_size=6, sigma=0.01)
+    population = trainer.make_population(trainer.sample_perturbations(6), torch.arange(6))
+    np.testing.assert_array_equal(fitness(population).numpy(), np.full(6, 4.0))
+    assert len(calls) == (4 if fused else 0)  # one fused call per lockstep step
 
 
 def test_cartpole_solved_through_the_library_api():
