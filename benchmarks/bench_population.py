@@ -4,7 +4,9 @@ Both variants run the 64-256-256-8 tanh MLP on the same ``(N, 64)`` inputs (one 
 member): ``plain`` is ``model(x)``; ``eggroll`` is ``pop(x)`` with ``pop`` built by
 ``EGGROLLTrainer.make_population`` (the real code path: the model's own forward with the batched
 low-rank layers installed). Calls are interleaved in a random order per round and each variant's
-median over all rounds is reported.
+median over all rounds is reported. Where the compiled CPU kernels exist, a third variant,
+``fused``, runs the same architecture as a `Policy` (``make_policy``, no observation normaliser),
+whose population forward is one fused C call (``kernels.MLPKernel``) instead of layer by layer.
 
     python benchmarks/bench_population.py --threads 2
 """
@@ -18,15 +20,23 @@ import statistics
 import time
 
 import torch
+from gymnasium import spaces
 from torch import nn
 
-from eggroll_rl import EGGROLLTrainer, batched_fitness
+from eggroll_rl import EGGROLLTrainer, batched_fitness, kernels, make_policy
 
 
 def mlp(seed: int = 0) -> nn.Module:
     """The benchmark MLP: 64-256-256-8 with tanh."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 8))
+
+
+def policy(seed: int = 0) -> nn.Module:
+    """The same architecture as a Policy, which the population runs in the fused kernel."""
+    torch.manual_seed(seed)
+    obs = spaces.Box(-float("inf"), float("inf"), (64,))
+    return make_policy(obs, spaces.Discrete(8), (256, 256), "tanh", normalize_obs=False)
 
 
 @batched_fitness
@@ -73,20 +83,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     random.seed(0)
     model = mlp()
+    fused = kernels.available()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, MLP 64-256-256-8 tanh\n")
-    print("| N | rank | plain ms | eggroll ms | eggroll / plain throughput |")
-    print("|---:|---:|---:|---:|---:|")
+    extra = " fused ms | fused / plain throughput |" if fused else ""
+    print("| N | rank | plain ms | eggroll ms | eggroll / plain throughput |" + extra)
+    print("|---:|---:|---:|---:|---:|" + ("---:|---:|" if fused else ""))
     for n in args.sizes:
         x = torch.randn(n, 64)
         for rank in args.ranks:
             pop = make_population(model, n, rank)
             fns = {"plain": functools.partial(model, x), "eggroll": functools.partial(pop, x)}
+            if fused:
+                fns["fused"] = functools.partial(make_population(policy(), n, rank), x)
             rounds = rounds_for(n, args.budget / args.repeats)
             with torch.no_grad():
                 runs = [interleaved(fns, rounds) for _ in range(args.repeats)]
-            plain = statistics.median(r["plain"] for r in runs)
-            egg = statistics.median(r["eggroll"] for r in runs)
-            print(f"| {n} | {rank} | {plain:.3f} | {egg:.3f} | {plain / egg:.2f} |", flush=True)
+            ms = {name: statistics.median(r[name] for r in runs) for name in fns}
+            plain, egg = ms["plain"], ms["eggroll"]
+            row = f"| {n} | {rank} | {plain:.3f} | {egg:.3f} | {plain / egg:.2f} |"
+            if fused:
+                row += f" {ms['fused']:.3f} | {plain / ms['fused']:.2f} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
