@@ -57,14 +57,16 @@ static inline float dot_half(const float* restrict x, const uint16_t* restrict b
   int64_t j = 0;
   float s = 0.f;
 #ifdef W
-  /* Two accumulators so consecutive FMAs do not wait on each other. */
-  vec s0 = vset(0.f), s1 = vset(0.f);
-  for (; j + 2 * W <= n; j += 2 * W) {
-    s0 = vfma(vload(x + j), hload(b + j), s0);
-    s1 = vfma(vload(x + j + W), hload(b + j + W), s1);
+  if (n >= W) { /* narrow inputs (a 4-wide observation) skip the vector sums entirely */
+    /* Two accumulators so consecutive FMAs do not wait on each other. */
+    vec s0 = vset(0.f), s1 = vset(0.f);
+    for (; j + 2 * W <= n; j += 2 * W) {
+      s0 = vfma(vload(x + j), hload(b + j), s0);
+      s1 = vfma(vload(x + j + W), hload(b + j + W), s1);
+    }
+    for (; j + W <= n; j += W) s0 = vfma(vload(x + j), hload(b + j), s0);
+    s = vsum(s0) + vsum(s1);
   }
-  for (; j + W <= n; j += W) s0 = vfma(vload(x + j), hload(b + j), s0);
-  s = vsum(s0) + vsum(s1);
 #endif
   for (; j < n; ++j) s += x[j] * half_to_float(b[j]);
   return s;
@@ -308,7 +310,7 @@ static void activate(float* y, int64_t ld, int rows, int64_t m_pad, int64_t act)
     for (int64_t j = 0; j < m_pad; j += VW) {
       vf v = vf_load(y + r * ld + j);
       if (act == 1) v = vf_tanh(v);
-      else v = (vf)((vi)(v > 0.f) & (vi)v); /* relu */
+      else v = (vf)(~(vi)(v < 0.f) & (vi)v); /* relu; NaN stays NaN */
       vf_store(y + r * ld + j, v);
     }
 }

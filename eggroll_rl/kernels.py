@@ -344,7 +344,7 @@ class MLPKernel:
         ``out`` is only written if given.
         """
         rows = x.shape[0]
-        members = self.members or rows
+        members = self.members or max(rows, 1)
         if x.dtype != torch.float32:
             raise TypeError(f"population input must be float32 like the model, got {x.dtype}")
         if not (

@@ -291,3 +291,16 @@ def test_mlp_refuses_what_it_cannot_compute() -> None:
         kernel(torch.zeros(2, 3), out=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="actions must be"):
         kernel(torch.zeros(2, 3), actions=torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_mlp_propagates_nan_like_pytorch(activation) -> None:
+    """A NaN observation gives NaN outputs (as in PyTorch), not a silently clipped number."""
+    if not kernels.available():
+        pytest.skip("no compiled kernel here")
+    layers = _random_layers((3, 20, 2), (activation, "identity"), True)
+    kernel = kernels.MLPKernel(layers, (torch.zeros(3), torch.ones(3), 5.0))
+    x = torch.randn(4, 3)
+    x[2, 1] = float("nan")
+    out = kernel(x)
+    assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
