@@ -120,6 +120,14 @@ def _library(variants: tuple[tuple[str, ...], ...] = _NATIVE) -> ctypes.CDLL | N
     return lib
 
 
+def _require_library() -> ctypes.CDLL:
+    """Return the compiled kernels or raise: callers that were told they are unavailable."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the EGGROLL CPU kernel is not available in this process")
+    return lib
+
+
 def available() -> bool:
     """Whether the compiled CPU kernel can be used in this process (builds it if needed)."""
     return _library() is not None
@@ -145,9 +153,7 @@ def lowrank_rows(
     ``offsets[i] + pos_a``, ``+ pos_b`` and ``+ pos_e`` in the float16 ``table`` (``pos_e < 0``:
     no ``e``).
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the EGGROLL CPU kernel is not available in this process")
+    lib = _require_library()
     # The C code reads raw memory: refuse anything but the layout it assumes.
     if not (
         x.dtype == out.dtype == torch.float32
@@ -267,9 +273,7 @@ class MLPKernel:
         normalizer: tuple[torch.Tensor, torch.Tensor, float] | None = None,
         noise: MemberNoise | None = None,
     ) -> None:
-        lib = _library()
-        if lib is None:
-            raise RuntimeError("the EGGROLL CPU kernel is not available in this process")
+        lib = _require_library()
         if not layers:
             raise ValueError("MLPKernel needs at least one layer")
         keep: list[torch.Tensor] = []
@@ -374,9 +378,7 @@ class MLPKernel:
 
 def tanh(x: torch.Tensor) -> torch.Tensor:
     """Return the fused forward's tanh of a contiguous float32 tensor (for its accuracy test)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the EGGROLL CPU kernel is not available in this process")
+    lib = _require_library()
     x = x.contiguous()
     if x.dtype != torch.float32:
         raise ValueError(f"tanh needs float32, got {x.dtype}")

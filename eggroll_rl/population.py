@@ -170,6 +170,10 @@ class LowRankPopulation(Population):
         draw = p.draw_index[self.indices]
         sign = p.signs[self.indices]
         n = len(draw)
+        kernel = _kernel_inputs(p, self.model, draw, sign)
+        self._mlp = _fused_mlp(p, self.model, kernel, param_names) if kernel is not None else None
+        if self._mlp is not None:
+            return  # the whole forward is one kernel call: no per-layer forwards needed
         # Every member has its own draw, in order (no noise reuse, all members here): read the
         # generation's noise rows in place instead of gathering a copy first.
         identity = n == p.noise.shape[0] and bool((draw == torch.arange(n, device=draw.device)).all())
@@ -189,10 +193,6 @@ class LowRankPopulation(Population):
             out = torch.addcmul(param.detach().reshape(-1), rows(p.vector(name)), bias_coef)
             return out.view(n, *param.shape)
 
-        kernel = _kernel_inputs(p, self.model, draw, sign)
-        self._mlp = _fused_mlp(p, self.model, kernel, param_names) if kernel is not None else None
-        if self._mlp is not None:
-            return  # the whole forward is one kernel call: no per-layer forwards needed
         for mod in self.model.modules():
             if type(mod) is nn.Linear:
                 name = param_names.get(mod.weight)
