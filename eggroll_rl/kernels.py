@@ -18,12 +18,13 @@ into ``$EGGROLL_RL_CACHE`` (default ``~/.cache/eggroll_rl``) the first time a CP
 them; OpenMP resolves to the runtime PyTorch already loaded, so both share one thread pool.
 Without a compiler, on a failed build, for rank > 64, for non-float32 or non-CPU tensors, or with
 ``EGGROLL_RL_KERNEL=0``, the population uses the PyTorch-ops path, which computes the same numbers
-(up to float32 rounding: the fused kernel sums in its own order and has its own tanh, within 2.5e-7
-of the exact one).
+(up to float32 rounding: the fused kernel sums in its own order and has its own tanh, within
+``TANH_MAX_REL_ERROR`` = 2e-7 relative of the exact one for every float32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -33,10 +34,20 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_path, atomic_write_text
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are still atomic, only not serialised
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -52,35 +63,136 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "eggroll_rl"
 
 
-def _cpu_signature() -> str:
-    """Describe this CPU, so a ``-march=native`` build is never loaded on a different one."""
+# /proc/cpuinfo lines that identify a CPU model and its features (x86: model name, flags; Arm:
+# implementer, part, Features...), for the cache key next to what the compiler makes of -march=native.
+_CPUINFO_KEYS = (
+    "vendor_id", "model name", "flags", "isa", "Features", "CPU implementer", "CPU architecture",
+    "CPU variant", "CPU part", "CPU revision", "cpu model", "uarch",
+)  # fmt: skip
+
+
+def _cpu_signature(compiler: str) -> str:
+    """Describe this CPU, so a ``-march=native`` build is never loaded on a different one.
+
+    The main part is the compiler's own resolution of ``-march=native`` (``cc -march=native -###``
+    lists the target and every instruction-set flag it enables, on x86, Arm and the rest alike, and
+    the compiler's version); the distinct identifying lines of ``/proc/cpuinfo`` are added where
+    they exist.
+    """
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        proc = subprocess.run(
+            [compiler, "-march=native", "-###", "-E", "-"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        resolved = proc.stdout + proc.stderr
+    except (OSError, subprocess.SubprocessError) as exc:
+        resolved = f"no -march=native resolution: {type(exc).__name__}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            info = sorted({" ".join(ln.split()) for ln in f if ln.startswith(_CPUINFO_KEYS)})
     except OSError:
-        lines = []
-    return platform.machine() + platform.processor() + "".join(lines)
+        info = []
+    return "\n".join([platform.machine(), platform.processor(), resolved, *info])
+
+
+class _BuildError(RuntimeError):
+    pass
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _file_checksum(path: Path) -> str:
+    data = path.read_bytes()
+    return f"{hashlib.sha256(data).hexdigest()} {len(data)}"
 
 
 def _compile(compiler: str, target: Path, variants: tuple[tuple[str, ...], ...]) -> None:
-    """Compile the kernels into ``target`` atomically (temp file in the same folder, then rename).
+    """Compile the kernels into ``target`` atomically, then record its checksum beside it.
 
-    The first of the flag ``variants`` that compiles wins.
+    The first of the flag ``variants`` that compiles wins. The library is written to a temporary
+    file, fsynced and renamed into place (:func:`eggroll_rl.atomic.atomic_path`); the checksum
+    file (``<target>.sha256``: sha256 and size) is written the same way after it, so a library
+    with a matching checksum is a complete one.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "kernels.c"
-        src.write_text(_SOURCE)
-        out = Path(tmp) / target.name
-        base = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", str(src), "-o", str(out)]
+        (Path(tmp) / "kernels.c").write_text(_SOURCE)
+        # Relative source name, run in its folder: the same bytes from every build of one key.
+        base = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", "kernels.c", "-lm"]
         errors = []
         for flags in variants:
-            proc = subprocess.run(base + list(flags), capture_output=True, text=True, timeout=120)
-            if proc.returncode == 0:
-                os.replace(out, target)
-                return
-            errors.append(proc.stderr.strip()[-500:])
-        raise RuntimeError(f"{compiler} failed: {errors[-1]}")
+            try:
+                with atomic_path(target) as out:
+                    proc = subprocess.run(
+                        [*base, "-o", str(out), *flags], cwd=tmp, capture_output=True, text=True,
+                        timeout=120,
+                    )  # fmt: skip
+                    if proc.returncode != 0:
+                        raise _BuildError(proc.stderr.strip()[-500:])
+            except _BuildError as exc:
+                errors.append(str(exc))
+                continue
+            atomic_write_text(_checksum_path(target), _file_checksum(target) + "\n")
+            return
+        raise _BuildError(f"{compiler} failed: {errors[-1]}")
+
+
+def _cache_problem(path: Path) -> str | None:
+    """Return why the cached library cannot be loaded as it is ("absent", "...") or None if intact."""
+    checksum = _checksum_path(path)
+    if not path.exists():
+        return "absent"
+    if not checksum.exists():
+        return "without its checksum file (an interrupted build or an older version)"
+    try:
+        recorded = checksum.read_text(encoding="utf-8").strip()
+        actual = _file_checksum(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"unreadable ({exc})"
+    if recorded != actual:
+        size = actual.split()[1]
+        return f"corrupt (checksum mismatch: {size} bytes, truncated, empty or overwritten)"
+    return None
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (one process checks and builds a key at a time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _load_cached(compiler: str, path: Path, variants: tuple[tuple[str, ...], ...]) -> ctypes.CDLL:
+    """Load the cached library after verifying its checksum; build or rebuild it when needed.
+
+    A library that is present but fails the check (truncated, empty, garbage, no checksum file) or
+    fails to load is rebuilt with a warning: never loaded as it is (a truncated one kills the
+    process with SIGBUS) and never silently given up on.
+    """
+    with _build_lock(path):
+        problem = _cache_problem(path)
+        if problem is not None:
+            if problem != "absent":
+                warnings.warn(
+                    f"EGGROLL kernel cache {path} is {problem}: rebuilding it", RuntimeWarning, stacklevel=4
+                )
+            _compile(compiler, path, variants)
+            return ctypes.CDLL(str(path))
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as exc:
+            warnings.warn(
+                f"EGGROLL kernel cache {path} does not load ({exc}): rebuilding it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            _compile(compiler, path, variants)
+            return ctypes.CDLL(str(path))
 
 
 # -march=native where the compiler knows it; a portable build otherwise.
@@ -92,7 +204,8 @@ def _library(variants: tuple[tuple[str, ...], ...] = _NATIVE) -> ctypes.CDLL | N
     """Return the compiled kernels, building them on first use; None where they cannot be had.
 
     ``variants`` (compiler flags to try in turn) other than the default build other instruction
-    sets of the same source, which the tests use to check the AVX2 and SSE code paths.
+    sets of the same source, which the tests use to check the AVX2 and SSE code paths. The cache
+    key covers the source, the compiler, the CPU (:func:`_cpu_signature`) and the flags.
     """
     if os.environ.get("EGGROLL_RL_KERNEL", "1") == "0":
         return None
@@ -100,13 +213,11 @@ def _library(variants: tuple[tuple[str, ...], ...] = _NATIVE) -> ctypes.CDLL | N
     if compiler is None:
         log.info("no C compiler found: EGGROLL populations use the PyTorch-ops path")
         return None
-    signature = _SOURCE + compiler + _cpu_signature() + repr(variants)
+    signature = _SOURCE + compiler + _cpu_signature(compiler) + repr(variants)
     key = hashlib.sha256(signature.encode()).hexdigest()[:16]
     path = _cache_dir() / f"kernels-{key}.so"
     try:
-        if not path.exists():
-            _compile(compiler, path, variants)
-        lib = ctypes.CDLL(str(path))
+        lib = _load_cached(compiler, path, variants)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.info("EGGROLL CPU kernel unavailable (%s): using the PyTorch-ops path", exc)
         return None
@@ -117,6 +228,8 @@ def _library(variants: tuple[tuple[str, ...], ...] = _NATIVE) -> ctypes.CDLL | N
     lib.eggroll_mlp_forward.restype = None
     lib.eggroll_tanh.argtypes = [p, p, i64]
     lib.eggroll_tanh.restype = None
+    lib.eggroll_tanh_sweep.argtypes = [ctypes.c_uint32, ctypes.c_uint32, p, ctypes.c_int]
+    lib.eggroll_tanh_sweep.restype = ctypes.c_double
     return lib
 
 
@@ -131,6 +244,71 @@ def _require_library() -> ctypes.CDLL:
 def available() -> bool:
     """Whether the compiled CPU kernel can be used in this process (builds it if needed)."""
     return _library() is not None
+
+
+def _check_tensor(fn: str, name: str, t: object, dtype: torch.dtype, shape: tuple[int | None, ...]) -> None:
+    """Raise one ValueError line unless ``t`` is a contiguous CPU ``dtype`` tensor of ``shape``.
+
+    ``shape`` entries of None take any size. Contiguous means the dense row-major layout the C code
+    indexes (no stride 0, no transposed or sliced views).
+    """
+    dims = ["*" if d is None else str(d) for d in shape]
+    want = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+    expected = f"a contiguous CPU {dtype} tensor of shape {want}"
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{fn}: {name} must be {expected}, got {type(t).__name__}")
+    ok_shape = t.dim() == len(shape) and all(d is None or d == s for d, s in zip(shape, t.shape, strict=True))
+    if t.dtype != dtype or t.device.type != "cpu" or not ok_shape or not t.is_contiguous():
+        raise ValueError(
+            f"{fn}: {name} must be {expected}, got {t.dtype} {tuple(t.shape)} with strides "
+            f"{t.stride()} on {t.device}"
+        )
+
+
+def _check_int(fn: str, name: str, value: object, low: int | None, high: int | None = None) -> None:
+    """Raise one ValueError line unless ``value`` is an int in ``[low, high]`` (None: unbounded)."""
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+        bounds = f"in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{fn}: {name} must be an int {bounds}, got {value!r}")
+
+
+# Window starts already checked, by tensor: id -> (weak reference, version, min, max). A rollout
+# passes the same offsets at every layer and step; they are scanned once per version.
+_CHECKED_OFFSETS: dict[int, tuple[weakref.ref[torch.Tensor], int, int, int]] = {}
+
+
+def _offset_range(offsets: torch.Tensor) -> tuple[int, int]:
+    try:
+        version = offsets._version
+    except RuntimeError:  # inference tensors have no version counter: scan every time
+        lo, hi = offsets.aminmax()
+        return int(lo), int(hi)
+    hit = _CHECKED_OFFSETS.get(id(offsets))
+    if hit is not None and hit[0]() is offsets and hit[1] == version:
+        return hit[2], hit[3]
+    lo_t, hi_t = offsets.aminmax()
+    lo, hi = int(lo_t), int(hi_t)
+    if len(_CHECKED_OFFSETS) > 64:
+        _CHECKED_OFFSETS.clear()
+    _CHECKED_OFFSETS[id(offsets)] = (weakref.ref(offsets), version, lo, hi)
+    return lo, hi
+
+
+def _check_windows(fn: str, offsets: torch.Tensor, span: int, table_size: int) -> None:
+    """Raise unless every member's ``span`` numbers from ``offsets[i]`` lie inside the table."""
+    if offsets.numel() == 0:
+        return
+    lo, hi = _offset_range(offsets)
+    if lo < 0 or hi + span > table_size:
+        raise ValueError(
+            f"{fn}: offsets must lie in [0, {table_size - span}] (table of {table_size} numbers, "
+            f"windows of {span}), got [{lo}, {hi}]"
+        )
 
 
 def lowrank_rows(
@@ -154,20 +332,27 @@ def lowrank_rows(
     no ``e``).
     """
     lib = _require_library()
-    # The C code reads raw memory: refuse anything but the layout it assumes.
-    if not (
-        x.dtype == out.dtype == torch.float32
-        and table.dtype == torch.float16
-        and offsets.dtype == torch.int64
-        and x.is_contiguous()
-        and out.is_contiguous()
-        and out.shape[0] == x.shape[0]
-        and x.shape[0] % offsets.shape[0] == 0
-        and 1 <= rank <= MAX_RANK
-    ):
-        raise ValueError("lowrank_rows: inputs do not have the dtypes and shapes it expects")
-    members = offsets.shape[0]
+    # The C code reads and writes raw memory: refuse anything but the layout it assumes.
+    fn = "lowrank_rows"
+    _check_tensor(fn, "x", x, torch.float32, (None, None))
     rows, n = x.shape
+    _check_tensor(fn, "out", out, torch.float32, (rows, None))
+    m = out.shape[1]
+    _check_tensor(fn, "offsets", offsets, torch.int64, (None,))
+    members = offsets.shape[0]
+    if members < 1 or rows % members:
+        raise ValueError(f"{fn}: x must have a multiple of len(offsets) = {members} >= 1 rows, got {rows}")
+    _check_tensor(fn, "coef_a", coef_a, torch.float32, (members,))
+    _check_tensor(fn, "coef_e", coef_e, torch.float32, (members,))
+    if bias is not None:
+        _check_tensor(fn, "bias", bias, torch.float32, (m,))
+    _check_tensor(fn, "table", table, torch.float16, (None,))
+    _check_int(fn, "rank", rank, 1, MAX_RANK)
+    _check_int(fn, "pos_a", pos_a, 0)
+    _check_int(fn, "pos_b", pos_b, 0)
+    _check_int(fn, "pos_e", pos_e, None)
+    span = max(pos_a + rank * m, pos_b + rank * n, pos_e + m if pos_e >= 0 else 0)
+    _check_windows(fn, offsets, span, table.numel())
     lib.eggroll_lowrank_rows(
         x.data_ptr(),
         table.data_ptr(),
@@ -179,7 +364,7 @@ def lowrank_rows(
         members,
         rows // members,
         n,
-        out.shape[1],
+        m,
         rank,
         pos_a,
         pos_b,
@@ -192,6 +377,10 @@ def lowrank_rows(
 # -- the fused MLP forward ------------------------------------------------------------------------
 
 ACTIVATIONS = {"identity": 0, "tanh": 1, "relu": 2}  # what the fused forward computes itself
+# Largest relative error of the fused forward's tanh against the exact one, for every float32 (the
+# exhaustive sweep in tests/test_kernels.py measured 1.88e-7 at x = 0.55196 in the AVX2 build and
+# 1.81e-7 in the portable one; it checks whichever builds the CPU runs, AVX-512 included).
+TANH_MAX_REL_ERROR = 2e-7
 MAX_WIDTH = 1024  # widest layer (its tile buffers live on the stack: 128 * width bytes)
 _PAD = 16  # output columns are padded to a multiple of every vector width the C code may use
 
@@ -254,6 +443,32 @@ class MemberNoise:
     window: int  # numbers a member reads from its offset on
 
 
+def _owned(fn: str, name: str, t: object, dtype: torch.dtype, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """Return a private contiguous copy of ``t`` after checking it is a CPU ``dtype`` tensor of ``shape``."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().clone(memory_format=torch.contiguous_format)
+    _check_tensor(fn, name, t, dtype, shape)
+    return t
+
+
+def _check_layer_noise(j: int, where: tuple[int, int, int], m: int, n: int, rank: int, window: int) -> None:
+    """Raise unless layer ``j``'s noise positions fit inside a member's ``window`` numbers."""
+    if not (isinstance(where, tuple) and len(where) == 3 and all(isinstance(v, int) for v in where)):
+        raise ValueError(f"MLPLayer {j}: where must be three ints (pos_a, pos_b, pos_e), got {where!r}")
+    pa, pb, pe = where
+    ends = []
+    if (pa >= 0) != (pb >= 0):
+        raise ValueError(f"MLPLayer {j}: pos_a and pos_b must both be >= 0 or both < 0, got {where}")
+    if pa >= 0:
+        ends += [pa + rank * m, pb + rank * n]
+    if pe >= 0:
+        ends.append(pe + m)
+    if ends and max(ends) > window:
+        raise ValueError(
+            f"MLPLayer {j}: noise at {where} needs {max(ends)} numbers per member, the window holds {window}"
+        )
+
+
 def _addr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -264,7 +479,12 @@ class MLPKernel:
     Member ``i``'s layer computes ``h W^T + b + c_e[i] e_i + c_a[i] (h B_i) A_i^T`` with the
     factors read from the noise table (see :func:`lowrank_rows`); without ``noise`` every row is
     the center. The normaliser is ``clamp((x - mean) / std, -clip, clip)``, its tensors read at
-    every call. Weights are copied (transposed, padded) here: build one per set of parameters.
+    every call. Weights are copied (transposed, padded) here: build one per set of parameters;
+    the member offsets and coefficients are copied too (checked once against the table here).
+
+    Raises ValueError (one line naming the argument) for anything the C code could not read
+    safely or would compute differently: shapes, dtypes, devices, a bias of the wrong size, noise
+    positions outside a member's window, windows outside the table, a NaN or negative ``clip``.
     """
 
     def __init__(
@@ -288,8 +508,26 @@ class MLPKernel:
         structs = []
         fan_in = layers[0].weight.shape[1]
         self.in_dim = fan_in
-        for layer in layers:
-            m, n = layer.weight.shape
+        if noise is not None:
+            _check_tensor("MemberNoise", "table", noise.table, torch.float16, (None,))
+            _check_int("MemberNoise", "rank", noise.rank, 1, MAX_RANK)
+            _check_int("MemberNoise", "window", noise.window, 0)
+        for j, layer in enumerate(layers):
+            w = layer.weight
+            if not (
+                isinstance(w, torch.Tensor)
+                and w.dim() == 2
+                and w.device.type == "cpu"
+                and w.is_floating_point()
+            ):
+                raise ValueError(f"MLPKernel: layer {j} weight must be a 2-D floating CPU tensor (m, n)")
+            m, n = w.shape
+            if layer.bias is not None:
+                b = layer.bias
+                if not (isinstance(b, torch.Tensor) and b.device.type == "cpu" and tuple(b.shape) == (m,)):
+                    raise ValueError(f"MLPKernel: layer {j} bias must be a CPU tensor of shape ({m},)")
+            if noise is not None:
+                _check_layer_noise(j, layer.where, m, n, noise.rank, noise.window)
             if n != fan_in:
                 raise ValueError(f"layer input size {n} does not follow the previous output {fan_in}")
             if layer.activation not in ACTIVATIONS:
@@ -308,6 +546,8 @@ class MLPKernel:
             raise ValueError(f"layers wider than {MAX_WIDTH} are not fused (got {ld})")
         self._layers = (_Layer * len(structs))(*structs)
         mean, std, clip = normalizer if normalizer is not None else (None, None, 0.0)
+        if not (isinstance(clip, int | float) and float(clip) >= 0):  # NaN fails too
+            raise ValueError(f"normaliser clip must be a number >= 0, got {clip!r}")
         if normalizer is not None:
             # Read at every call, not copied: a normaliser refreshed in place applies at once.
             if not all(
@@ -323,13 +563,18 @@ class MLPKernel:
         )  # fmt: skip
         self.members: int | None = None
         if noise is not None:
-            if noise.table.dtype != torch.float16 or not 1 <= noise.rank <= MAX_RANK:
-                raise ValueError("MemberNoise needs a float16 table and 1 <= rank <= MAX_RANK")
-            self.members = noise.offsets.numel()
+            # Own copies: what was checked here is what the C code reads at every call.
+            offsets = _owned("MemberNoise", "offsets", noise.offsets, torch.int64, (None,))
+            members = offsets.numel()
+            if members < 1:
+                raise ValueError("MemberNoise: offsets must hold at least one member")
+            coef_a = _owned("MemberNoise", "coef_a", noise.coef_a, torch.float32, (members,))
+            coef_e = _owned("MemberNoise", "coef_e", noise.coef_e, torch.float32, (members,))
+            _check_windows("MemberNoise", offsets, noise.window, noise.table.numel())
+            self.members = members
             self._plan.rank, self._plan.window = noise.rank, noise.window
             self._plan.table = held(noise.table, torch.float16)
-            self._plan.off = held(noise.offsets, torch.int64)
-            self._plan.ca, self._plan.ce = held(noise.coef_a), held(noise.coef_e)
+            self._plan.off, self._plan.ca, self._plan.ce = held(offsets), held(coef_a), held(coef_e)
         self._keep = keep
         self._fn = lib.eggroll_mlp_forward
         self._plan_ref = ctypes.byref(self._plan)
@@ -364,10 +609,11 @@ class MLPKernel:
             )
         if actions is None and out is None:
             out = x.new_empty(rows, self.out_dim)
-        if out is not None and not (out.is_contiguous() and out.shape == (rows, self.out_dim)):
-            raise ValueError(f"out must be a contiguous ({rows}, {self.out_dim}) tensor")
-        if actions is not None and not (actions.dtype == torch.int64 and actions.shape == (rows,)):
-            raise ValueError(f"actions must be an int64 tensor of shape ({rows},)")
+        if out is not None:
+            _check_tensor("MLPKernel", "out", out, torch.float32, (rows, self.out_dim))
+        if actions is not None:
+            _check_tensor("MLPKernel", "actions", actions, torch.int64, (rows,))
+        _check_int("MLPKernel", "action_start", action_start, None)
         rs, cs = x.stride()
         self._fn(
             self._plan_ref, x.data_ptr(), rows, members, rs, cs, _addr(out), _addr(actions),
@@ -377,11 +623,26 @@ class MLPKernel:
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor:
-    """Return the fused forward's tanh of a contiguous float32 tensor (for its accuracy test)."""
+    """Return the fused forward's tanh of a CPU float32 tensor (for its accuracy test)."""
     lib = _require_library()
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"):
+        raise ValueError(f"tanh: x must be a CPU float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     x = x.contiguous()
-    if x.dtype != torch.float32:
-        raise ValueError(f"tanh needs float32, got {x.dtype}")
     y = torch.empty_like(x)
     lib.eggroll_tanh(x.data_ptr(), y.data_ptr(), x.numel())
     return y
+
+
+def tanh_max_error(low: float, high: float) -> tuple[float, float]:
+    """Return the fused tanh's largest relative error over every float32 in ``[low, high)``, and where.
+
+    An exhaustive sweep in C (OpenMP threads) against ``tanh`` in double; ``0 <= low < high``
+    (the kernel's tanh is odd by construction). About a nanosecond per float per thread.
+    """
+    lib = _require_library()
+    if not 0 <= low < high:
+        raise ValueError(f"tanh_max_error: need 0 <= low < high, got [{low}, {high})")
+    bits = torch.tensor([low, high], dtype=torch.float32).view(torch.int32).tolist()
+    worst = ctypes.c_float()
+    err = lib.eggroll_tanh_sweep(bits[0], bits[1], ctypes.byref(worst), torch.get_num_threads())
+    return err, worst.value
