@@ -574,7 +574,8 @@ class MLPKernel:
             self.members = members
             self._plan.rank, self._plan.window = noise.rank, noise.window
             self._plan.table = held(noise.table, torch.float16)
-            self._plan.off, self._plan.ca, self._plan.ce = held(offsets), held(coef_a), held(coef_e)
+            self._plan.off = held(offsets, torch.int64)
+            self._plan.ca, self._plan.ce = held(coef_a), held(coef_e)
         self._keep = keep
         self._fn = lib.eggroll_mlp_forward
         self._plan_ref = ctypes.byref(self._plan)

@@ -119,9 +119,9 @@ def _action_decoder(space: gym.Space) -> tuple[int, Callable[[torch.Tensor, bool
             if not deterministic:
                 a = _sample_categorical(logits, rng)
             elif binary:
-                # Two actions (CartPole...): one comparison is ~6x cheaper than argmax per step;
-                # ties go to action 0, as with argmax.
-                a = (logits[:, 1] > logits[:, 0]).astype(np.int64)
+                # Two actions (CartPole...): comparisons are ~6x cheaper than argmax per step.
+                # As argmax: ties go to action 0, a NaN counts as the maximum, the first NaN wins.
+                a = (~(logits[:, 1] <= logits[:, 0]) & ~np.isnan(logits[:, 0])).astype(np.int64)
             else:
                 a = logits.argmax(axis=-1)
             return a + start if start else a
@@ -315,22 +315,60 @@ class Policy(nn.Module):
         return int(space.start) if isinstance(space, spaces.Discrete) else None
 
     def mlp_plan(self) -> MLPPlan | None:
-        """Describe this forward as plain layers for fused implementations; None once overridden.
+        """Describe this forward as plain layers for fused implementations; None if it is not one.
 
         Returns the normaliser ``(mean, std, clip)`` (None without one) and the
-        ``(Linear, activation name)`` pairs in order (the head's activation is ``"identity"``).
+        ``(Linear, activation name)`` pairs in order (``"identity"`` where no activation follows).
+        The description is given only when the module graph is exactly what it says, checked
+        structurally (not by isinstance): `Policy`, `ObservationNormalizer`, ``nn.Sequential``,
+        ``nn.Linear`` and ``nn.Tanh``/``nn.ReLU``/``nn.Identity`` of exactly these types with their
+        own ``forward``, children in the order ``Linear [activation] Linear [activation] ... Linear``,
+        no forward or pre-forward hooks (per module or global), no parameters or buffers but the
+        Linear weights/biases and the normaliser's statistics, and a float32 CPU normaliser of the
+        observation size with a clip >= 0. Anything else (a subclass overriding ``forward``, an
+        inserted LayerNorm or scaling module, a hook) gives None: the exact layer-wise path runs.
         """
-        if type(self).forward is not Policy.forward:
+        if type(self).forward is not Policy.forward or not plain_module_graph(self):
             return None
+        children = dict(self.named_children())
         norm = self.obs_norm
-        normalizer = (norm.mean, norm.std, norm.clip) if norm is not None else None
-        modules = list(self.net)
-        names = {cls: name for name, cls in ACTIVATIONS.items()}
-        stack = []
-        for i, mod in enumerate(modules):
+        if list(children) != (["obs_norm", "net"] if norm is not None else ["net"]):
+            return None
+        normalizer = None
+        if norm is not None:
+            if type(norm) is not ObservationNormalizer or _own_state(norm)[0] or dict(norm.named_children()):
+                return None
+            if set(_own_state(norm)[1]) != {"count", "sum", "sumsq", "mean", "std"}:
+                return None
+            clip = norm.clip
+            stats_ok = all(
+                t.dtype == torch.float32
+                and t.device.type == "cpu"
+                and t.is_contiguous()
+                and t.shape == (self.obs_dim,)
+                for t in (norm.mean, norm.std)
+            )
+            if not (stats_ok and isinstance(clip, int | float) and clip >= 0):
+                return None
+            normalizer = (norm.mean, norm.std, float(clip))
+        if type(self.net) is not nn.Sequential or any(_own_state(self.net)):
+            return None
+        stack: list[tuple[nn.Linear, str]] = []
+        for mod in self.net:
             if type(mod) is nn.Linear:
-                follower = modules[i + 1] if i + 1 < len(modules) else nn.Identity()
-                stack.append((mod, names.get(type(follower), "unsupported")))
+                names = dict(mod.named_parameters(recurse=False))
+                expected = {"weight"} | ({"bias"} if mod.bias is not None else set())
+                if set(names) != expected or _own_state(mod)[1] or dict(mod.named_children()):
+                    return None
+                stack.append((mod, "identity"))
+            elif type(mod) in _FUSED_ACTIVATIONS and stack and stack[-1][1] == "identity":
+                if any(_own_state(mod)) or dict(mod.named_children()):
+                    return None
+                stack[-1] = (stack[-1][0], _FUSED_ACTIVATIONS[type(mod)])
+            else:  # another module, or two activations in a row
+                return None
+        if not stack or stack[0][0].in_features != self.obs_dim:
+            return None
         return normalizer, stack
 
     def preprocess(self, obs: Any) -> torch.Tensor:
@@ -355,6 +393,38 @@ class Policy(nn.Module):
         if not deterministic and rng is None:
             rng = np.random.default_rng()
         return self._decode(out, deterministic, rng)
+
+
+# The activations a fused forward computes itself, by exact module type.
+_FUSED_ACTIVATIONS: dict[type[nn.Module], str] = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Identity: "identity"}
+
+
+def _own_state(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return a module's own (not its children's) parameters and buffers, by name."""
+    return dict(module.named_parameters(recurse=False)), dict(module.named_buffers(recurse=False))
+
+
+def _plain_calls(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs ``nn.Module``'s own call machinery (no class-level override)."""
+    cls = type(module)
+    return cls.__call__ is nn.Module.__call__ and cls._call_impl is nn.Module._call_impl
+
+
+def plain_module_graph(model: nn.Module) -> bool:
+    """Whether calling ``model`` runs each module's class ``forward`` and nothing else.
+
+    False when any forward or pre-forward hook is registered (on a module or globally), a module's
+    ``forward`` is replaced on the instance, or a class overrides ``__call__``. Fused forwards that
+    read a model's parameters instead of calling it check this first.
+    """
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    for mod in model.modules():
+        if mod._forward_hooks or mod._forward_pre_hooks or "forward" in mod.__dict__ or not _plain_calls(mod):
+            return False
+    return True
 
 
 def _batch_size(obs: Any) -> int:

@@ -22,6 +22,7 @@ from torch import nn
 from . import kernels
 from .distributed import World
 from .perturbations import LowRankPerturbations
+from .policies import plain_module_graph
 
 FitnessValues = torch.Tensor | Any
 log = logging.getLogger(__name__)
@@ -280,14 +281,25 @@ def _fused_mlp(
 ) -> kernels.MLPKernel | None:
     """Return the whole-model kernel for a model that describes itself as an MLP (``mlp_plan``).
 
-    None where the model gives no plan, or uses a layer or activation the kernel does not
-    compute; the layer-wise forward then runs instead.
+    None where the model gives no plan, its module graph is not exactly the plan (hooks, other
+    parameters: :func:`eggroll_rl.policies.plain_module_graph`), or it uses a layer or activation
+    the kernel does not compute; the layer-wise forward then runs instead.
     """
     describe = getattr(model, "mlp_plan", None)
     plan = describe() if callable(describe) else None
     if plan is None:
         return None
     normalizer, stack = plan
+    # Whatever the model says of itself: the kernel computes only its Linear layers (exact type,
+    # every parameter of the model among them) and only if calling the model runs nothing else.
+    planned = {id(t) for mod, _ in stack for t in (mod.weight, mod.bias) if t is not None}
+    if not (
+        plain_module_graph(model)
+        and all(type(mod) is nn.Linear for mod, _ in stack)
+        and {id(t) for t in model.parameters()} == planned
+    ):
+        log.debug("layer-wise population forward: the model is not exactly its mlp_plan()")
+        return None
     layers = [
         kernels.MLPLayer(mod.weight, mod.bias, activation, _noise_positions(p, mod, param_names))
         for mod, activation in stack

@@ -12,6 +12,8 @@ ops (``population._linear``). On the kernel path a `Policy` (which describes its
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from gymnasium import spaces
@@ -204,3 +206,159 @@ def test_cpu_population_runs_the_kernel_when_available(forward_path, monkeypatch
     if forward_path == "kernel":  # the kernel reads raw float32 memory: other dtypes are refused
         with pytest.raises(TypeError, match="float32"):
             pop(torch.randn(4, 6, dtype=torch.float64))
+
+
+# -- the fused path only for a model that is exactly what the kernel computes ----------------------
+
+
+class _Scale(nn.Module):
+    """A parameter-free module the fused kernel knows nothing about."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.5
+
+
+class _DoubledTanh(nn.Tanh):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(2 * x)
+
+
+class _LoudPolicy(type(make_policy(spaces.Box(-1, 1, (1,)), spaces.Discrete(2)))):
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return super().forward(obs) * 3 - 1
+
+
+def _scale_output(module, args, output):
+    return output * 2
+
+
+def _shift_input(module, args):
+    return (args[0] + 0.5,)
+
+
+def _altered_policy(change: str) -> nn.Module:
+    """A 6-in, 3-action tanh Policy with one structural change the fused kernel would ignore."""
+    torch.manual_seed(1)
+    obs = spaces.Box(-float("inf"), float("inf"), (6,))
+    cls = _LoudPolicy if change == "subclass_forward" else type(make_policy(obs, spaces.Discrete(3)))
+    policy = cls(obs, spaces.Discrete(3), (16, 16), "tanh", True)
+    with torch.no_grad():
+        policy.net[-1].weight.normal_()
+    policy.obs_norm.update(torch.randn(200, 6) * 2 + 1)
+    policy.obs_norm.freeze()
+    net = policy.net  # Linear, Tanh, Linear, Tanh, Linear
+    if change == "layernorm_after_activation":
+        net.insert(2, nn.LayerNorm(16))
+    elif change == "scale_first":
+        net.insert(0, _Scale())
+    elif change == "scale_middle":
+        net.insert(2, _Scale())
+    elif change == "scale_last":
+        net.append(_Scale())
+    elif change == "tanh_subclass":
+        net[1] = _DoubledTanh()
+    elif change == "forward_hook":
+        net[2].register_forward_hook(_scale_output)
+    elif change == "pre_hook_on_policy":
+        policy.register_forward_pre_hook(_shift_input)
+    elif change == "instance_forward":
+        policy.obs_norm.forward = lambda x: x * 0.5
+    elif change == "normalizer_subclass":
+
+        class Unclipped(type(policy.obs_norm)):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return (x - self.mean) / self.std
+
+        norm = Unclipped(6)
+        norm.load_state_dict(policy.obs_norm.state_dict())
+        policy.obs_norm = norm
+    elif change == "negative_clip":
+        policy.obs_norm.clip = -1.0
+    elif change == "extra_buffer":
+        net[0].register_buffer("gain", torch.ones(16))
+    elif change != "none" and change != "subclass_forward":
+        raise ValueError(change)
+    return policy
+
+
+_CHANGES = [
+    "layernorm_after_activation",
+    "scale_first",
+    "scale_middle",
+    "scale_last",
+    "tanh_subclass",
+    "subclass_forward",
+    "forward_hook",
+    "pre_hook_on_policy",
+    "instance_forward",
+    "normalizer_subclass",
+    "negative_clip",
+    "extra_buffer",
+    "global_hook",
+]
+
+
+def _members_one_by_one(trainer, model: nn.Module, perturbations, x: torch.Tensor) -> torch.Tensor:
+    """Each member's dense weights (center + its materialised perturbation) in a model copy, run alone."""
+    views = trainer._params.views
+    outs = []
+    for i in range(x.shape[0]):
+        member = copy.deepcopy(model)
+        params = views(trainer.current_params + perturbations[i])
+        with torch.no_grad():
+            for name, t in member.named_parameters():
+                t.copy_(params[name])
+            outs.append(member(x[i]))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("change", ["none", *_CHANGES])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_altered_policies_are_not_fused_and_match_members(forward_path, monkeypatch, change, rank) -> None:
+    """An inserted module, a hook, an overridden forward... -> not fused, and every member is exact."""
+    calls = []
+    real = kernels.MLPKernel.__call__
+    monkeypatch.setattr(kernels.MLPKernel, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    policy = _altered_policy("none" if change == "global_hook" else change)
+    n = 6
+    handle = (
+        nn.modules.module.register_module_forward_hook(_scale_output) if change == "global_hook" else None
+    )
+    try:
+        trainer = EGGROLLTrainer(policy, _unused, population_size=n, sigma=0.3, rank=rank, seed=4)
+        perturbations = trainer.sample_perturbations(n)
+        pop = trainer.make_population(perturbations, torch.arange(n))
+        x = torch.randn(n, 6) * 3
+        out, actions = pop(x), pop.argmax(x)
+        expected = _members_one_by_one(trainer, policy, perturbations, x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(actions, expected.argmax(-1))
+    fused = forward_path == "kernel" and change == "none"
+    assert len(calls) == (2 if fused else 0)
+
+
+def test_argmax_agrees_with_torch_on_nan_outputs(forward_path) -> None:
+    """NaN outputs (inf - inf in the head) count as the maximum, the first NaN wins, on every path."""
+    torch.manual_seed(2)
+    obs = spaces.Box(-float("inf"), float("inf"), (6,))
+    policy = make_policy(obs, spaces.Discrete(4), (16,), "tanh", False)
+    with torch.no_grad():
+        head = policy.net[-1].weight
+        head.normal_()
+        head[1, :2] = torch.tensor([float("inf"), -float("inf")])  # NaN where h0, h1 share a sign
+        head[3, :2] = torch.tensor([float("inf"), -float("inf")])
+        head[2, 2] = float("inf")  # +inf or -inf (or NaN at h2 = 0) elsewhere
+    n = 64
+    trainer = EGGROLLTrainer(policy, _unused, population_size=n, sigma=0.1, rank=2, seed=1)
+    perturbations = trainer.sample_perturbations(n)
+    pop = trainer.make_population(perturbations, torch.arange(n))
+    x = torch.randn(n, 6)
+    out = pop(x)
+    expected = _members_one_by_one(trainer, policy, perturbations, x)
+    assert out[:, 1].isnan().any() and not out[:, 1].isnan().all()  # both kinds of rows occur
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(pop.argmax(x), expected.argmax(-1))
+    assert torch.equal(pop.argmax(x), out.argmax(-1))
