@@ -506,8 +506,7 @@ class MLPKernel:
             return t.data_ptr()
 
         structs = []
-        fan_in = layers[0].weight.shape[1]
-        self.in_dim = fan_in
+        fan_in = None
         if noise is not None:
             _check_tensor("MemberNoise", "table", noise.table, torch.float16, (None,))
             _check_int("MemberNoise", "rank", noise.rank, 1, MAX_RANK)
@@ -528,6 +527,8 @@ class MLPKernel:
                     raise ValueError(f"MLPKernel: layer {j} bias must be a CPU tensor of shape ({m},)")
             if noise is not None:
                 _check_layer_noise(j, layer.where, m, n, noise.rank, noise.window)
+            if fan_in is None:
+                fan_in = self.in_dim = n
             if n != fan_in:
                 raise ValueError(f"layer input size {n} does not follow the previous output {fan_in}")
             if layer.activation not in ACTIVATIONS:
