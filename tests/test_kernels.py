@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -509,3 +512,109 @@ def test_mlp_propagates_nan_like_pytorch(activation) -> None:
     x[2, 1] = float("nan")
     out = kernel(x)
     assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
+
+
+# -- the cached library: validated before loading, rebuilt when damaged -----------------------------
+
+_CHILD = """
+import os, sys, warnings, torch
+from eggroll_rl import kernels
+torch.manual_seed(0)
+x, table = torch.randn(3, 5), torch.randn(64).half()
+offsets, ca, ce, bias = torch.tensor([0, 7, 30]), torch.randn(3), torch.randn(3), torch.randn(4)
+t = table.double()
+for cache in sys.argv[1:]:  # one cache folder per case, so no library is loaded twice by name
+    os.environ["EGGROLL_RL_CACHE"] = cache
+    kernels._library.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.available(), "the kernel is not available"
+    out = torch.empty(3, 4)
+    kernels.lowrank_rows(x, table, offsets, ca, ce, bias, out, 2, 0, 8, 18)
+    for i, o in enumerate(offsets.tolist()):
+        a, b, e = t[o : o + 8].view(2, 4), t[o + 8 : o + 18].view(2, 5), t[o + 18 : o + 22]
+        expected = bias.double() + ca[i].double() * (b @ x[i].double()) @ a + ce[i].double() * e
+        torch.testing.assert_close(out[i], expected.float(), rtol=1e-5, atol=1e-5)
+    rebuilt = any("rebuilding it" in str(w.message) for w in caught)
+    print(os.path.basename(cache), "rows ok", "rebuilt" if rebuilt else "loaded", flush=True)
+"""
+
+
+def _child(*caches) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD, *map(str, caches)], capture_output=True, text=True, timeout=900
+    )
+
+
+def _truncate(lib):
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
+
+
+def _empty(lib):
+    lib.write_bytes(b"")
+
+
+def _garbage(lib):
+    lib.write_bytes(bytes(range(256)) * (lib.stat().st_size // 256))
+
+
+def _no_checksum(lib):
+    kernels._checksum_path(lib).unlink()
+
+
+def _flipped_byte(lib):  # same size, one byte changed: only the checksum can tell
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+
+
+def _intact(lib):
+    pass
+
+
+_DAMAGE = [_truncate, _empty, _garbage, _no_checksum, _flipped_byte, _intact]
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path) -> None:
+    """Truncated (SIGBUS on load), empty, garbage, unverifiable -> rebuilt with a warning, correct.
+
+    Child processes: a crash on loading is theirs, not pytest's. The first builds a cache as a
+    user's first run does; copies of it are damaged one way each, and a second child loads them all.
+    """
+    built = tmp_path / "built"
+    first = _child(built)
+    assert first.returncode == 0 and "built rows ok" in first.stdout, first.stderr[-2000:]
+    caches = []
+    for damage in _DAMAGE:
+        cache = tmp_path / damage.__name__.strip("_")
+        shutil.copytree(built, cache)
+        damage(next(cache.glob("*.so")))
+        caches.append(cache)
+    proc = _child(*caches)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout} {proc.stderr[-2000:]}"
+    for cache in caches:
+        expected = "loaded" if cache.name == "intact" else "rebuilt"
+        assert f"{cache.name} rows ok {expected}" in proc.stdout, proc.stdout
+        (lib,) = cache.glob("*.so")
+        assert kernels._cache_problem(lib) is None  # the new build and its checksum match
+    assert (tmp_path / "intact" / lib.name).read_bytes() == next(built.glob("*.so")).read_bytes()
+
+
+def test_cache_key_tells_cpus_apart_without_cpuinfo_model_lines(tmp_path, monkeypatch) -> None:
+    """On CPUs whose /proc/cpuinfo has no model name/flags (aarch64) the key still differs by CPU.
+
+    A stand-in compiler resolves -march=native to the CPU named by $FAKE_CPU, as gcc and clang do.
+    """
+    fake = tmp_path / "fakecc"
+    fake.write_text('#!/bin/sh\necho "cc1 -E - -march=$FAKE_CPU -mcpu=$FAKE_CPU" >&2\n')
+    fake.chmod(0o755)
+    arm_cpuinfo = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU architecture: 8\n\n"
+    monkeypatch.setattr(kernels, "open", lambda *a, **k: io.StringIO(arm_cpuinfo), raising=False)
+    signatures = {}
+    for cpu in ["neoverse-n1", "neoverse-v2", "neoverse-n1"]:
+        monkeypatch.setenv("FAKE_CPU", cpu)
+        signatures.setdefault(cpu, set()).add(kernels._cpu_signature(str(fake)))
+    assert len(signatures["neoverse-n1"]) == 1  # stable for one CPU
+    assert signatures["neoverse-n1"] != signatures["neoverse-v2"]
