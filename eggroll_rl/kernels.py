@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,17 +251,21 @@ def _check_tensor(fn: str, name: str, t: object, dtype: torch.dtype, shape: tupl
     ``shape`` entries of None take any size. Contiguous means the dense row-major layout the C code
     indexes (no stride 0, no transposed or sliced views).
     """
+    if (
+        isinstance(t, torch.Tensor)
+        and t.dtype == dtype
+        and t.is_cpu
+        and t.dim() == len(shape)
+        and all(d is None or d == s for d, s in zip(shape, t.shape, strict=True))
+        and t.is_contiguous()
+    ):
+        return
     dims = ["*" if d is None else str(d) for d in shape]
-    want = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
-    expected = f"a contiguous CPU {dtype} tensor of shape {want}"
+    expected = f"a contiguous CPU {dtype} tensor of shape ({', '.join(dims)}{',' if len(dims) == 1 else ''})"
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{fn}: {name} must be {expected}, got {type(t).__name__}")
-    ok_shape = t.dim() == len(shape) and all(d is None or d == s for d, s in zip(shape, t.shape, strict=True))
-    if t.dtype != dtype or t.device.type != "cpu" or not ok_shape or not t.is_contiguous():
-        raise ValueError(
-            f"{fn}: {name} must be {expected}, got {t.dtype} {tuple(t.shape)} with strides "
-            f"{t.stride()} on {t.device}"
-        )
+    got = f"{t.dtype} {tuple(t.shape)} with strides {t.stride()} on {t.device}"
+    raise ValueError(f"{fn}: {name} must be {expected}, got {got}")
 
 
 def _check_int(fn: str, name: str, value: object, low: int | None, high: int | None = None) -> None:
@@ -277,38 +280,80 @@ def _check_int(fn: str, name: str, value: object, low: int | None, high: int | N
         raise ValueError(f"{fn}: {name} must be an int {bounds}, got {value!r}")
 
 
-# Window starts already checked, by tensor: id -> (weak reference, version, min, max). A rollout
-# passes the same offsets at every layer and step; they are scanned once per version.
-_CHECKED_OFFSETS: dict[int, tuple[weakref.ref[torch.Tensor], int, int, int]] = {}
-
-
-def _offset_range(offsets: torch.Tensor) -> tuple[int, int]:
-    try:
-        version = offsets._version
-    except RuntimeError:  # inference tensors have no version counter: scan every time
-        lo, hi = offsets.aminmax()
-        return int(lo), int(hi)
-    hit = _CHECKED_OFFSETS.get(id(offsets))
-    if hit is not None and hit[0]() is offsets and hit[1] == version:
-        return hit[2], hit[3]
-    lo_t, hi_t = offsets.aminmax()
-    lo, hi = int(lo_t), int(hi_t)
-    if len(_CHECKED_OFFSETS) > 64:
-        _CHECKED_OFFSETS.clear()
-    _CHECKED_OFFSETS[id(offsets)] = (weakref.ref(offsets), version, lo, hi)
-    return lo, hi
-
-
 def _check_windows(fn: str, offsets: torch.Tensor, span: int, table_size: int) -> None:
     """Raise unless every member's ``span`` numbers from ``offsets[i]`` lie inside the table."""
     if offsets.numel() == 0:
         return
-    lo, hi = _offset_range(offsets)
+    lo, hi = (int(v) for v in offsets.aminmax())
     if lo < 0 or hi + span > table_size:
         raise ValueError(
             f"{fn}: offsets must lie in [0, {table_size - span}] (table of {table_size} numbers, "
             f"windows of {span}), got [{lo}, {hi}]"
         )
+
+
+class LowRankRows:
+    """One ``nn.Linear``'s per-member term for a generation's members, checked once, called per batch.
+
+    ``LowRankRows(...)(x, out)`` is :func:`lowrank_rows`: the member data (table, offsets,
+    coefficients, bias, sizes and noise positions) is checked here, and the offsets and
+    coefficients copied, so a call checks only ``x`` ``(N * k, n)`` and ``out`` ``(N * k, m)``.
+    Raises ValueError (one line naming the argument) for any size, dtype, device, stride, rank,
+    position or window the C code could not read safely.
+    """
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        offsets: torch.Tensor,
+        coef_a: torch.Tensor,
+        coef_e: torch.Tensor,
+        bias: torch.Tensor | None,
+        n: int,
+        m: int,
+        rank: int,
+        pos_a: int,
+        pos_b: int,
+        pos_e: int,
+    ) -> None:
+        self._fn = _require_library().eggroll_lowrank_rows
+        fn = "lowrank_rows"
+        self.offsets = _owned(fn, "offsets", offsets, torch.int64, (None,))
+        self.members = members = self.offsets.shape[0]
+        if members < 1:
+            raise ValueError(f"{fn}: offsets must hold at least one member")
+        self.coef_a = _owned(fn, "coef_a", coef_a, torch.float32, (members,))
+        self.coef_e = _owned(fn, "coef_e", coef_e, torch.float32, (members,))
+        _check_int(fn, "n", n, 1)
+        _check_int(fn, "m", m, 1)
+        if bias is not None:
+            _check_tensor(fn, "bias", bias, torch.float32, (m,))
+        _check_tensor(fn, "table", table, torch.float16, (None,))
+        _check_int(fn, "rank", rank, 1, MAX_RANK)
+        _check_int(fn, "pos_a", pos_a, 0)
+        _check_int(fn, "pos_b", pos_b, 0)
+        _check_int(fn, "pos_e", pos_e, None)
+        span = max(pos_a + rank * m, pos_b + rank * n, pos_e + m if pos_e >= 0 else 0)
+        _check_windows(fn, self.offsets, span, table.numel())
+        self.table, self.bias, self.n, self.m = table, bias, n, m
+        self._args = (rank, pos_a, pos_b, pos_e)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the rows into ``out`` and return it; rows ``i*k .. i*k+k-1`` are member ``i``'s."""
+        fn = "lowrank_rows"
+        _check_tensor(fn, "x", x, torch.float32, (None, self.n))
+        rows = x.shape[0]
+        _check_tensor(fn, "out", out, torch.float32, (rows, self.m))
+        if rows % self.members:
+            raise ValueError(
+                f"{fn}: x must have a multiple of len(offsets) = {self.members} rows, got {rows}"
+            )
+        self._fn(
+            x.data_ptr(), self.table.data_ptr(), self.offsets.data_ptr(), self.coef_a.data_ptr(),
+            self.coef_e.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
+            self.members, rows // self.members, self.n, self.m, *self._args, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
 
 def lowrank_rows(
@@ -329,49 +374,14 @@ def lowrank_rows(
     ``x`` is ``(N * k, n)`` and ``out`` ``(N * k, m)``, float32; rows ``i*k .. i*k+k-1`` belong
     to member ``i``, whose ``A`` (stored ``(r, m)``), ``B`` (``(r, n)``) and ``e`` (m) start at
     ``offsets[i] + pos_a``, ``+ pos_b`` and ``+ pos_e`` in the float16 ``table`` (``pos_e < 0``:
-    no ``e``).
+    no ``e``). Every argument is checked first (see :class:`LowRankRows`, which checks the member
+    data once for repeated calls).
     """
-    lib = _require_library()
-    # The C code reads and writes raw memory: refuse anything but the layout it assumes.
-    fn = "lowrank_rows"
-    _check_tensor(fn, "x", x, torch.float32, (None, None))
-    rows, n = x.shape
-    _check_tensor(fn, "out", out, torch.float32, (rows, None))
-    m = out.shape[1]
-    _check_tensor(fn, "offsets", offsets, torch.int64, (None,))
-    members = offsets.shape[0]
-    if members < 1 or rows % members:
-        raise ValueError(f"{fn}: x must have a multiple of len(offsets) = {members} >= 1 rows, got {rows}")
-    _check_tensor(fn, "coef_a", coef_a, torch.float32, (members,))
-    _check_tensor(fn, "coef_e", coef_e, torch.float32, (members,))
-    if bias is not None:
-        _check_tensor(fn, "bias", bias, torch.float32, (m,))
-    _check_tensor(fn, "table", table, torch.float16, (None,))
-    _check_int(fn, "rank", rank, 1, MAX_RANK)
-    _check_int(fn, "pos_a", pos_a, 0)
-    _check_int(fn, "pos_b", pos_b, 0)
-    _check_int(fn, "pos_e", pos_e, None)
-    span = max(pos_a + rank * m, pos_b + rank * n, pos_e + m if pos_e >= 0 else 0)
-    _check_windows(fn, offsets, span, table.numel())
-    lib.eggroll_lowrank_rows(
-        x.data_ptr(),
-        table.data_ptr(),
-        offsets.data_ptr(),
-        coef_a.data_ptr(),
-        coef_e.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        members,
-        rows // members,
-        n,
-        m,
-        rank,
-        pos_a,
-        pos_b,
-        pos_e,
-        torch.get_num_threads(),
-    )
-    return out
+    _require_library()
+    _check_tensor("lowrank_rows", "x", x, torch.float32, (None, None))
+    _check_tensor("lowrank_rows", "out", out, torch.float32, (x.shape[0], None))
+    n, m = x.shape[1], out.shape[1]
+    return LowRankRows(table, offsets, coef_a, coef_e, bias, n, m, rank, pos_a, pos_b, pos_e)(x, out)
 
 
 # -- the fused MLP forward ------------------------------------------------------------------------

@@ -326,8 +326,10 @@ def _kernel_linear(
     table, offsets, coef_a, coef_e = kernel
     w_t = mod.weight.detach().T
     bias = mod.bias.detach().contiguous() if mod.bias is not None else None
-    pos_a, pos_b, pos_e = where
     out_features = mod.out_features
+    rows_of = kernels.LowRankRows(
+        table, offsets, coef_a, coef_e, bias, mod.in_features, out_features, rank, *where
+    )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -335,7 +337,7 @@ def _kernel_linear(
         flat = x.dim() == 2 and x.is_contiguous()
         rows = x if flat else x.reshape(-1, x.shape[-1]).contiguous()
         y = rows.new_empty(rows.shape[0], out_features)
-        kernels.lowrank_rows(rows, table, offsets, coef_a, coef_e, bias, y, rank, pos_a, pos_b, pos_e)
+        rows_of(rows, y)
         y.addmm_(rows, w_t)
         return y if flat else y.view(*x.shape[:-1], out_features)
 
