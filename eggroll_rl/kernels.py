@@ -454,11 +454,9 @@ class MemberNoise:
 
 
 def _owned(fn: str, name: str, t: object, dtype: torch.dtype, shape: tuple[int | None, ...]) -> torch.Tensor:
-    """Return a private contiguous copy of ``t`` after checking it is a CPU ``dtype`` tensor of ``shape``."""
-    if isinstance(t, torch.Tensor):
-        t = t.detach().clone(memory_format=torch.contiguous_format)
+    """Return a private copy of ``t`` after checking it is a contiguous CPU ``dtype`` tensor of ``shape``."""
     _check_tensor(fn, name, t, dtype, shape)
-    return t
+    return t.detach().clone()  # type: ignore[union-attr]
 
 
 def _check_layer_noise(j: int, where: tuple[int, int, int], m: int, n: int, rank: int, window: int) -> None:

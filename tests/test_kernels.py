@@ -127,8 +127,11 @@ _BAD_ROWS = {
     "bias stride 0": ({"bias": torch.zeros(1).expand(4)}, "bias must be"),
     "offsets int32": ({"offsets": torch.tensor([0, 82], dtype=torch.int32)}, "offsets must be"),
     "offsets 2-D": ({"offsets": torch.tensor([[0, 82]])}, "offsets must be"),
-    "no members": ({"offsets": torch.zeros(0, dtype=torch.int64)}, "x must have a multiple"),
-    "rows not a multiple": ({"offsets": torch.tensor([0, 20, 40])}, "x must have a multiple"),
+    "no members": ({"offsets": torch.zeros(0, dtype=torch.int64)}, "offsets must hold at least one"),
+    "rows not a multiple": (
+        {"offsets": torch.tensor([0, 20, 40]), "coef_a": torch.ones(3), "coef_e": torch.ones(3)},
+        "x must have a multiple",
+    ),
     "window past the table": ({"offsets": torch.tensor([0, 83])}, "offsets must lie"),
     "negative offset": ({"offsets": torch.tensor([-1, 0])}, "offsets must lie"),
     "e past the window": ({"pos_e": 90}, "offsets must lie"),
