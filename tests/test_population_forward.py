@@ -362,3 +362,34 @@ def test_argmax_agrees_with_torch_on_nan_outputs(forward_path) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert torch.equal(pop.argmax(x), expected.argmax(-1))
     assert torch.equal(pop.argmax(x), out.argmax(-1))
+
+
+class _PlanIgnoresLayerNorm(nn.Module):
+    """A model whose mlp_plan() leaves out a LayerNorm its forward runs: the population must not trust it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.l1, self.norm, self.l2 = nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.norm.weight.mul_(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(self.norm(torch.tanh(self.l1(x))))
+
+    def mlp_plan(self):
+        return None, [(self.l1, "tanh"), (self.l2, "identity")]
+
+
+def test_a_plan_that_omits_parameters_is_not_fused(forward_path, monkeypatch) -> None:
+    calls = []
+    real = kernels.MLPKernel.__call__
+    monkeypatch.setattr(kernels.MLPKernel, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _PlanIgnoresLayerNorm()
+    trainer = EGGROLLTrainer(model, _unused, population_size=4, sigma=0.3, rank=2, seed=2)
+    perturbations = trainer.sample_perturbations(4)
+    pop = trainer.make_population(perturbations, torch.arange(4))
+    x = torch.randn(4, 6)
+    expected = _members_one_by_one(trainer, model, perturbations, x)
+    torch.testing.assert_close(pop(x), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pop.argmax(x), expected.argmax(-1)) and calls == []
