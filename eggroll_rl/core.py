@@ -63,7 +63,11 @@ class ESTrainer(ABC):
     Contract: member ``i`` is evaluated at ``current_params + perturbations[i]`` exactly as
     ``sample_perturbations`` returned it, and each generation applies
     ``current_params += learning_rate * compute_update(perturbations, fitnesses)`` (or hands
-    ``-update`` as the gradient to ``optimizer``).
+    ``-update`` as the gradient to ``optimizer``). ``fitnesses`` is the raw ``(N,)`` float64
+    fitness and may hold NaN/inf (a failed member; a warning names how many): the shapers of
+    :mod:`eggroll_rl.shaping` rank those strictly worst, and a non-finite update raises
+    ValueError instead of corrupting the center. The step's statistics (best, mean, std) cover
+    the finite members; ``nonfinite_fitness`` counts the others.
     """
 
     noise_reuse: int = 0
@@ -133,7 +137,9 @@ class ESTrainer(ABC):
         t1 = time.perf_counter()
         fitness = self._evaluate(perturbations)
         t2 = time.perf_counter()
-        best = int(torch.argmax(fitness))
+        finite = _check_finite(fitness, gen, warn=self.world.is_main)
+        kept = fitness[finite]
+        best = int(torch.argmax(torch.where(finite, fitness, -math.inf)))
         if fitness[best] > self.best_fitness:
             self._remember_best(perturbations[best], float(fitness[best]))
         update = self.compute_update(perturbations, fitness)
@@ -147,8 +153,9 @@ class ESTrainer(ABC):
         stats = {
             "generation": float(self.generation),
             "fitness": float(fitness[best]),
-            "mean_fitness": float(fitness.mean()),
-            "std_fitness": float(fitness.std(correction=0)),
+            "mean_fitness": float(kept.mean()),
+            "std_fitness": float(kept.std(correction=0)),
+            "nonfinite_fitness": float(len(fitness) - len(kept)),
             "best_fitness": self.best_fitness,
             "sigma": self.sigma,
             "learning_rate": self.learning_rate,
@@ -311,6 +318,11 @@ class ESTrainer(ABC):
                 f"compute_update must return a tensor of shape {tuple(self.current_params.shape)}, "
                 f"got {getattr(update, 'shape', type(update).__name__)}"
             )
+        if not bool(torch.isfinite(update).all()):
+            raise ValueError(
+                f"compute_update returned non-finite values at generation {self.generation}; "
+                "the center is unchanged (non-finite fitness must be shaped to finite weights)"
+            )
         with torch.no_grad():
             if self.optimizer is None:
                 self.current_params.add_(update, alpha=self.learning_rate)
@@ -343,8 +355,7 @@ class ESTrainer(ABC):
             # Tell the other ranks inside the fitness gather, so all of them stop with the same
             # error instead of waiting for this rank until the collective times out.
             error, local = exc, torch.zeros(len(indices), dtype=torch.float64)
-        fitness = self.world.all_gather(local.to(self.device), self.population_size, error=error)
-        return _finite_or_worst(fitness, self.generation, warn=self.world.is_main)
+        return self.world.all_gather(local.to(self.device), self.population_size, error=error)
 
     def _evaluate_member(self, delta: torch.Tensor) -> float:
         if self._member is None:
@@ -408,33 +419,39 @@ def _fitness_vector(value: Any, expected: int) -> torch.Tensor:
     return value.detach().to(torch.float64)
 
 
-def _finite_or_worst(fitness: torch.Tensor, generation: int, warn: bool = True) -> torch.Tensor:
+def _check_finite(fitness: torch.Tensor, generation: int, warn: bool = True) -> torch.Tensor:
+    """Return the mask of finite fitness; warn about the others, raise when none is finite."""
     finite = torch.isfinite(fitness)
     if bool(finite.all()):
-        return fitness
+        return finite
     if not bool(finite.any()):
         raise ValueError(f"fitness_fn returned no finite fitness at generation {generation} (all NaN/inf)")
-    bad = int((~finite).sum())
-    if not warn:  # every rank sees the same gathered fitness; one warning per run is enough
-        return torch.where(finite, fitness, fitness[finite].min())
-    warnings.warn(
-        f"{bad} non-finite fitness value(s) at generation {generation} counted as the worst",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return torch.where(finite, fitness, fitness[finite].min())
+    if warn:  # every rank sees the same gathered fitness; the main rank warns
+        warnings.warn(
+            f"{int((~finite).sum())} non-finite fitness value(s) at generation {generation}: "
+            "ranked strictly below every finite member by the shaping and left out of the "
+            "fitness statistics",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return finite
 
 
 class _TableES(ESTrainer):
     """Shared machinery of the built-in trainers: table noise, noise reuse and shaped updates.
 
-    The update is the Gaussian-smoothing gradient estimate with shaped fitness ``f~``::
+    The update follows the EGGROLL reference implementation (ESHyperscale/HyperscaleES,
+    ``noiser/eggroll.py`` and ``noiser/open_es.py``, ``_do_update``), for both trainers::
 
-        update = 1 / (N * sigma) * sum_i f~_i * eps_i,      member i at  theta + sigma * eps_i
+        update = sigma * sqrt(N) * mean_i(f~_i * E_i),      member i at  theta + sigma * E_i
 
-    where ``eps_i`` has unit-variance entries: full Gaussian noise (Vanilla) or
-    ``A_i B_i^T / sqrt(r)`` per matrix (EGGROLL). Both trainers share this scaling, so one set of
-    hyperparameters means the same in both.
+    with ``f~`` the shaped fitness and ``E_i`` the unit-variance direction: full Gaussian noise
+    (Vanilla / OpenES) or ``A_i B_i^T / sqrt(r)`` per matrix (EGGROLL). The plain step (no
+    ``optimizer``, or ``"sgd"``) is ``theta += learning_rate * update``, the reference's
+    ``optax.sgd(lr)``; an optimizer receives ``-update`` as the gradient, as the reference hands
+    its solver. So ``learning_rate``, ``sigma`` and ``population_size`` mean what they mean in
+    the reference (and the seed's ``EGGROLLTrainer``). ``update / (sigma^2 sqrt(N))`` is the
+    Gaussian-smoothing gradient estimate ``mean_i(f~_i E_i) / sigma``.
     """
 
     def __init__(
@@ -454,6 +471,12 @@ class _TableES(ESTrainer):
         super().__init__(model, fitness_fn, population_size, learning_rate, sigma, seed, **kwargs)
         if noise_reuse != 0:
             _integer("noise_reuse", noise_reuse, 2, " (or 0 for no reuse)")
+            if noise_reuse != 2:
+                # A draw has two signs, so a third member sharing it would duplicate the first.
+                raise ValueError(
+                    f"noise_reuse must be 0 (independent members) or 2 (antithetic pairs), got "
+                    f"{noise_reuse!r}: a shared draw gives only two distinct members (+E, -E)"
+                )
         if group_size != 0:
             _integer("group_size", group_size, 2, " (or 0 for global normalisation)")
         for name, k in (("noise_reuse", noise_reuse), ("group_size", group_size)):
@@ -461,6 +484,11 @@ class _TableES(ESTrainer):
                 raise ValueError(
                     f"population_size ({self.population_size}) must be divisible by {name} ({k})"
                 )
+        if noise_reuse and group_size and group_size % noise_reuse:
+            raise ValueError(
+                f"group_size ({group_size}) must be a multiple of noise_reuse ({noise_reuse}): "
+                "members that share a draw (antithetic pairs) must fall in the same group"
+            )
         self.noise_reuse, self.group_size = int(noise_reuse), int(group_size)
         self.shaper = make_shaper(fitness_shaping, self.group_size)
         self.draws, self.draw_index, self.signs = reuse_pattern(
@@ -479,9 +507,12 @@ class _TableES(ESTrainer):
         return self.noise.windows(offsets).to(self.current_params.dtype)
 
     def compute_update(self, perturbations: Any, fitnesses: torch.Tensor) -> torch.Tensor:
-        """Return ``sum_i f~_i eps_i / (N sigma)`` with ``f~`` the shaped fitness."""
+        """Return ``sigma * sqrt(N) * mean_i(f~_i E_i)`` (flat, ``(numel,)``), ``f~`` the shaped fitness.
+
+        ``fitnesses`` is the raw ``(N,)`` fitness; non-finite entries are shaped strictly worst.
+        """
         shaped = self.shaper(fitnesses).to(self.current_params.dtype)
-        return perturbations.contract(shaped) / (self.population_size * perturbations.sigma)
+        return perturbations.contract(shaped) * (perturbations.sigma / math.sqrt(self.population_size))
 
 
 class VanillaESTrainer(_TableES):

@@ -214,7 +214,8 @@ class ObservationNormalizer(nn.Module):
     (not OpenAI-ES's 1e-2) because classic-control observations live on small scales: with a
     1e-2 floor MountainCar's velocity (std ~0.02) would be squashed to a fifth of its range.
     Everything lives in buffers (no parameters), so a saved state_dict carries it and ES leaves it
-    alone.
+    alone. An observation with a non-finite entry (NaN, +-inf) never enters the statistics:
+    `sample_stats` leaves its whole row out and counts it.
     """
 
     def __init__(self, dim: int, clip: float = 5.0, eps: float = 1e-8) -> None:
@@ -233,17 +234,34 @@ class ObservationNormalizer(nn.Module):
         return ((x - self.mean) / self.std).clamp_(-self.clip, self.clip)
 
     @torch.no_grad()
+    def sample_stats(self, batch: torch.Tensor | np.ndarray) -> tuple[int, torch.Tensor]:
+        """Return (rows left out, ``[count, sum (dim), sum of squares (dim)]`` float64) of `batch`.
+
+        `batch` is (..., dim); a row with any non-finite entry is left out and counted.
+        """
+        x = torch.as_tensor(batch).reshape(-1, self.dim).to(self.sum.device, torch.float64)
+        finite = torch.isfinite(x).all(dim=1)
+        skipped = int(x.shape[0] - int(finite.sum()))
+        if skipped:
+            x = x[finite]
+        return skipped, torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)])
+
+    @torch.no_grad()
     def update(
         self,
         batch: torch.Tensor | np.ndarray,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        """Accumulate statistics of `batch` (..., dim); `reduce_sum` sums them across ranks."""
-        x = torch.as_tensor(batch).reshape(-1, self.dim).to(self.sum.device, torch.float64)
-        stats = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)])
+    ) -> int:
+        """Accumulate statistics of `batch` (..., dim); return how many non-finite rows it left out.
+
+        `reduce_sum` sums the statistics (and the count left out) across ranks.
+        """
+        skipped, stats = self.sample_stats(batch)
+        stats = torch.cat([stats.new_tensor([skipped]), stats])
         if reduce_sum is not None:
             stats = reduce_sum(stats)
-        self.add_stats(stats[0], stats[1 : 1 + self.dim], stats[1 + self.dim :])
+        self.add_stats(stats[1], stats[2 : 2 + self.dim], stats[2 + self.dim :])
+        return int(stats[0])
 
     @torch.no_grad()
     def add_stats(self, count: float | torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor) -> None:

@@ -84,7 +84,7 @@ class TrainerSettings:
     sigma: float = 0.1  # noise scale
     lr: float = 0.05  # learning rate of the optimizer step
     rank: int = 1  # EGGROLL perturbation rank (ignored by vanilla)
-    noise_reuse: int = 2  # 0: none; k >= 2: k members share a draw, alternating sign (2 = antithetic)
+    noise_reuse: int = 2  # 0: independent members; 2: antithetic pairs (+E, -E share a draw)
     group_size: int = 0  # 0: global fitness shaping; G: shape within groups of G members
     fitness_shaping: Shaping = "centered_rank"
     optimizer: Optimizer = "adam"
@@ -491,9 +491,9 @@ def _validate(p: Preset) -> None:
     need(finite("trainer.lr") and t.lr > 0, "trainer.lr", "must be > 0")
     need(t.rank >= 1, "trainer.rank", "must be >= 1")
     need(
-        t.noise_reuse == 0 or t.noise_reuse >= 2,
+        t.noise_reuse in (0, 2),
         "trainer.noise_reuse",
-        "must be 0 (no reuse) or >= 2 (2 = antithetic)",
+        "must be 0 (independent members) or 2 (antithetic pairs)",
     )
     if t.noise_reuse:
         need(
@@ -507,6 +507,12 @@ def _validate(p: Preset) -> None:
             t.population % t.group_size == 0,
             "trainer.population",
             f"must be divisible by trainer.group_size = {t.group_size}",
+        )
+    if t.group_size and t.noise_reuse:
+        need(
+            t.group_size % t.noise_reuse == 0,
+            "trainer.group_size",
+            f"must be a multiple of trainer.noise_reuse = {t.noise_reuse} (pairs share a group)",
         )
     need(finite("trainer.weight_decay") and t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
     need(t.generations >= 1, "trainer.generations", "must be >= 1")

@@ -497,16 +497,14 @@ class RolloutFitness(BatchedFitness):
 
         # One all-reduce for the episode totals and the normaliser sample, so every rank agrees.
         dim = norm.dim if norm is not None else 0
-        totals = torch.zeros(3 + 1 + 2 * dim, dtype=torch.float64)
+        totals = torch.zeros(4 + 1 + 2 * dim, dtype=torch.float64)
         totals[0], totals[1], totals[2] = batch.env_steps, num_envs, float(returns.sum())
         if norm is not None and batch.observations is not None and batch.observations.numel():
-            obs = batch.observations.to(torch.float64)
-            totals[3] = obs.shape[0]
-            totals[4 : 4 + dim] = obs.sum(0)
-            totals[4 + dim :] = obs.square().sum(0)
+            # Non-finite observations stay out of the statistics; totals[3] counts them.
+            totals[3], totals[4:] = norm.sample_stats(batch.observations)
         totals = population.reduce_sum(totals.to(device)).cpu()
         if norm is not None:
-            norm.add_stats(totals[3], totals[4 : 4 + dim], totals[4 + dim :])
+            norm.add_stats(totals[4], totals[5 : 5 + dim], totals[5 + dim :])
         steps, episodes = int(totals[0]), float(totals[1])
         self.total_env_steps += steps
         self.stats = {
@@ -520,6 +518,8 @@ class RolloutFitness(BatchedFitness):
             "lockstep_steps": float(batch.steps),
             "rollout_seconds": batch.seconds,
         }
+        if norm is not None:
+            self.stats["obs_nonfinite"] = float(totals[3])  # in this generation's sample
         return fitness
 
     def state_dict(self) -> dict[str, Any]:
@@ -542,13 +542,18 @@ class RolloutFitness(BatchedFitness):
 
 @dataclass
 class EvalResult:
-    """Per-episode returns and lengths of an evaluation, with summary statistics."""
+    """Per-episode returns and lengths of an evaluation, with summary statistics.
+
+    ``nonfinite`` counts episodes whose return is NaN or +-inf; with any, ``mean`` is
+    non-finite too (NaN, or the infinity when all of them share a sign) and ``std`` is NaN.
+    """
 
     returns: np.ndarray
     lengths: np.ndarray
     mean: float
     std: float
     length_mean: float
+    nonfinite: int = 0
 
     @property
     def episodes(self) -> int:
@@ -556,7 +561,8 @@ class EvalResult:
         return int(self.returns.size)
 
     def __str__(self) -> str:
-        return f"{self.mean:.2f} +/- {self.std:.2f} over {self.episodes} episodes"
+        text = f"{self.mean:.2f} +/- {self.std:.2f} over {self.episodes} episodes"
+        return text + (f" ({self.nonfinite} non-finite returns)" if self.nonfinite else "")
 
 
 def evaluate(
@@ -613,10 +619,14 @@ def evaluate(
             vec.close()
     played = np.arange(batch.returns.shape[1]) < quota[:, None]
     returns, lengths = batch.returns[played], batch.lengths[played]
+    nonfinite = int((~np.isfinite(returns)).sum())
+    with np.errstate(invalid="ignore"):  # inf - inf: the mean is NaN, said by `nonfinite`
+        mean = float(returns.mean())
     return EvalResult(
         returns=returns,
         lengths=lengths,
-        mean=float(returns.mean()),
-        std=float(returns.std()),
+        mean=mean,
+        std=float(returns.std()) if not nonfinite else math.nan,
         length_mean=float(lengths.mean()),
+        nonfinite=nonfinite,
     )

@@ -430,6 +430,8 @@ def train(
                         "episode_length": stats.get("episode_length_mean"),
                         "generation_seconds": stats["time"],
                         "steps_per_second": stats.get("env_steps", 0.0) / max(stats["time"], 1e-9),
+                        "nonfinite_fitness": stats.get("nonfinite_fitness", 0.0),
+                        "obs_nonfinite": stats.get("obs_nonfinite"),
                         "eval_mean": None,
                         "eval_std": None,
                     }

@@ -1,4 +1,10 @@
-"""Fitness shaping: turn raw returns into the weights of the ES update."""
+"""Fitness shaping: turn raw returns into the weights of the ES update.
+
+Every shaper takes the ``(N,)`` raw fitness, possibly holding non-finite values (NaN, +-inf: a
+member that failed), and returns ``(N,)`` finite weights. A non-finite fitness is strictly the
+worst: its weight is below that of every finite member it is compared with (its group, or the
+whole population), under every shaping, grouped or not.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +19,51 @@ EPS = 1e-8
 def zscore(fitness: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """Standardise fitness; with groups subtract each group's mean, divide by the global std.
 
-    The grouped form is the reference EGGROLL implementation's: members that share start states
-    are compared with each other, while one global scale keeps every group's step comparable.
+    The grouped form is the reference EGGROLL implementation's (``convert_fitnesses`` in
+    ESHyperscale/HyperscaleES): members that share start states are compared with each other,
+    while one global scale keeps every group's step comparable.
+
+    Non-finite members: the finite ones are standardised among themselves (their group means,
+    their std); each non-finite member then gets the lowest finite weight of its group minus 1
+    (one standard deviation below the worst finite member), and every group (or the whole
+    population) is re-centred to mean 0, so the weights still sum to 0 and keep their order. A
+    group without a finite member gets weight 0 (nothing to compare within it).
     """
-    std = fitness.std(correction=0)
-    if group_size > 1:
-        groups = fitness.view(-1, group_size)
-        centred = (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
-    else:
-        centred = fitness - fitness.mean()
-    return centred / (std + EPS)
+    finite = torch.isfinite(fitness)
+    if bool(finite.all()):
+        std = fitness.std(correction=0)
+        if group_size > 1:
+            groups = fitness.view(-1, group_size)
+            centred = (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
+        else:
+            centred = fitness - fitness.mean()
+        return centred / (std + EPS)
+    shape = (-1, group_size) if group_size > 1 else (1, -1)
+    ok = finite.view(shape)
+    values = torch.where(finite, fitness, 0.0).view(shape)
+    count = ok.sum(dim=1, keepdim=True)
+    kept = values[ok]
+    std = (kept - kept.mean()).square().mean().sqrt() if kept.numel() else values.new_zeros(())
+    means = values.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    z = torch.where(ok, (values - means) / (std + EPS), 0.0)
+    floor = torch.where(ok, z, torch.inf).amin(dim=1, keepdim=True) - 1.0
+    z = torch.where(ok, z, torch.where(count > 0, floor, 0.0))
+    return (z - z.mean(dim=1, keepdim=True)).reshape(-1)
 
 
 def centered_rank(fitness: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """Map fitness to ranks spread evenly over [-0.5, 0.5] (OpenAI-ES), within groups if given."""
-    groups = fitness.view(-1, group_size) if group_size > 1 else fitness.view(1, -1)
-    ranks = torch.empty_like(groups)
-    order = groups.argsort(dim=1, stable=True)
-    steps = torch.arange(groups.shape[1], dtype=fitness.dtype, device=fitness.device)
-    ranks.scatter_(1, order, steps.expand_as(groups).contiguous())
+    """Map fitness to ranks spread evenly over [-0.5, 0.5] (OpenAI-ES), within groups if given.
+
+    Tied fitnesses share their average rank (all equal: every weight 0); non-finite fitness
+    ranks as -inf, below every finite one (tied among themselves).
+    """
+    worst = torch.tensor(-torch.inf, dtype=fitness.dtype, device=fitness.device)
+    groups = torch.where(torch.isfinite(fitness), fitness, worst)
+    groups = groups.view(-1, group_size) if group_size > 1 else groups.view(1, -1)
+    ordered = groups.sort(dim=1).values
+    below = torch.searchsorted(ordered, groups, right=False)  # members strictly worse
+    upto = torch.searchsorted(ordered, groups, right=True)  # members worse or tied
+    ranks = (below + upto - 1).to(fitness.dtype) / 2
     return (ranks / (groups.shape[1] - 1) - 0.5).reshape(-1)
 
 
@@ -41,10 +73,31 @@ SHAPERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 
 
+def worst_to_finite(fitness: torch.Tensor) -> torch.Tensor:
+    """Replace non-finite fitness by one finite value strictly below every finite fitness.
+
+    The value is the lowest finite fitness minus the finite range (minus 1 when every finite
+    fitness is equal). Raises ValueError when no fitness is finite.
+    """
+    finite = torch.isfinite(fitness)
+    if bool(finite.all()):
+        return fitness
+    if not bool(finite.any()):
+        raise ValueError("fitness has no finite value to rank the non-finite ones below")
+    kept = fitness[finite]
+    low, spread = kept.min(), kept.max() - kept.min()
+    return torch.where(finite, fitness, low - torch.where(spread > 0, spread, 1.0))
+
+
 def make_shaper(shaping: str | Shaper, group_size: int = 0) -> Shaper:
-    """Resolve ``fitness_shaping=`` (a name in SHAPERS or a callable) into a shaper."""
+    """Resolve ``fitness_shaping=`` (a name in SHAPERS or a callable) into a shaper.
+
+    A callable receives the raw fitness with non-finite values replaced by
+    :func:`worst_to_finite`, so a monotone shaper also ranks them strictly worst.
+    """
     if callable(shaping):
-        return shaping
+        custom = shaping
+        return lambda fitness: custom(worst_to_finite(fitness))
     if shaping not in SHAPERS:
         raise ValueError(f"fitness_shaping must be one of {sorted(SHAPERS)} or a callable, got {shaping!r}")
     fn = SHAPERS[shaping]

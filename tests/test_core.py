@@ -36,7 +36,10 @@ def test_documented_api_runs_and_improves():
     trainer = VanillaESTrainer(
         model=model, fitness_fn=regression_fitness, population_size=50, learning_rate=0.01, sigma=0.1, seed=42
     )
-    trainer.train(num_generations=5)
+    start = regression_fitness(trainer.get_center_model())
+    trainer.train(num_generations=40)
+    assert len(trainer.history["mean_fitness"]) == 40
+    assert regression_fitness(model) > 0.25 * start  # the center's error is at most a quarter
     trainer = EGGROLLTrainer(
         model=mlp(),
         fitness_fn=batched_regression,
@@ -68,9 +71,16 @@ def test_custom_subclass_example_runs():
     )
     trainer.train(40)
     assert trainer.history["mean_fitness"][-1] > trainer.history["mean_fitness"][0]
-    # The dense (vmap) batched path serves custom trainers too.
-    trainer = CustomESTrainer(model=mlp(), fitness_fn=batched_regression, population_size=8, sigma=0.1)
-    trainer.step()
+    # The dense (vmap) batched path serves custom trainers too: the same step as per-model fitness.
+    steps = []
+    for fitness in (batched_regression, regression_fitness):
+        torch.manual_seed(1)
+        trainer = CustomESTrainer(model=mlp(), fitness_fn=fitness, population_size=8, sigma=0.1)
+        start = trainer.current_params.clone()
+        trainer.step()
+        steps.append(trainer.current_params - start)
+    assert steps[0].abs().max() > 0
+    assert torch.allclose(steps[0], steps[1], atol=1e-6)
 
 
 def test_base_contract_member_params_and_step():
@@ -104,14 +114,26 @@ def test_base_contract_member_params_and_step():
 
 
 def test_history_and_step_stats():
+    seen = []
+
+    def fitness(model):
+        seen.append(regression_fitness(model))
+        return seen[-1]
+
     trainer = make_trainer(batched=False)
+    trainer.fitness_fn = fitness
     stats = trainer.step()
     assert {"fitness", "mean_fitness", "best_fitness", "std_fitness", "sigma", "time"} <= stats.keys()
     for _ in range(4):
         trainer.step()
     h = trainer.history
     assert h["best_fitness"] == [max(h["fitness"][: i + 1]) for i in range(5)]
-    assert all(f >= m for f, m in zip(h["fitness"], h["mean_fitness"]))
+    # Each generation's stats are those of the 16 fitness values its members returned.
+    values = torch.tensor(seen, dtype=torch.float64).view(5, 16)
+    assert h["fitness"] == values.max(dim=1).values.tolist()
+    assert h["mean_fitness"] == pytest.approx(values.mean(dim=1).tolist(), rel=1e-12)
+    assert h["std_fitness"] == pytest.approx(values.std(dim=1, correction=0).tolist(), rel=1e-12)
+    assert h["nonfinite_fitness"] == [0.0] * 5
 
 
 @pytest.mark.parametrize("kind", ["eggroll", "vanilla"])
@@ -183,16 +205,6 @@ def fitness_at(trainer, delta, c):
     return float((trainer.current_params + delta) @ c)
 
 
-def test_update_is_the_documented_estimator():
-    """update == sum_i zscore(f)_i * p[i] / (N sigma^2), i.e. sum f~ eps / (N sigma)."""
-    for kw in ({"rank": 1}, {"rank": 3, "noise_reuse": 2}, {"rank": 2, "freeze_nonlora": True}):
-        trainer = make_trainer(population_size=12, **kw)
-        p = trainer.sample_perturbations(12)
-        f = torch.randn(12, dtype=torch.float64)
-        expected = sum(float(s) * p[i] for i, s in enumerate(zscore(f))) / (12 * trainer.sigma**2)
-        assert torch.allclose(trainer.compute_update(p, f), expected.float(), atol=1e-5)
-
-
 def test_same_shaped_layers_do_not_cancel():
     class Twin(nn.Module):
         def __init__(self) -> None:
@@ -257,11 +269,11 @@ def test_noise_independent_across_same_shaped_layers_and_seeded():
 
 @pytest.mark.parametrize("kind", ["eggroll", "vanilla"])
 def test_noise_reuse_alternating_signs(kind):
-    trainer = make_trainer(kind, population_size=12, noise_reuse=3)
+    trainer = make_trainer(kind, population_size=12, noise_reuse=2)
     p = trainer.sample_perturbations(12)
-    for j in range(4):
-        assert torch.allclose(p[3 * j + 1], -p[3 * j]) and torch.allclose(p[3 * j + 2], p[3 * j])
-    assert not torch.allclose(p[0], p[3])
+    for j in range(6):
+        assert torch.allclose(p[2 * j + 1], -p[2 * j])
+    assert not torch.allclose(p[0], p[2])
 
 
 def test_freeze_nonlora_trains_only_matrices():
@@ -364,7 +376,8 @@ def test_load_state_rejects_other_configuration():
         ({"sigma": -1}, ValueError, "sigma"),
         ({"learning_rate": 0}, ValueError, "learning_rate"),
         ({"rank": 0}, ValueError, "rank"),
-        ({"noise_reuse": 3}, ValueError, "divisible by noise_reuse"),
+        ({"noise_reuse": 3}, ValueError, r"noise_reuse must be 0 \(independent members\) or 2"),
+        ({"population_size": 15, "noise_reuse": 2}, ValueError, "divisible by noise_reuse"),
         ({"noise_reuse": 1}, ValueError, "noise_reuse"),
         ({"group_size": 5}, ValueError, "divisible by group_size"),
         ({"fitness_shaping": "bogus"}, ValueError, "fitness_shaping"),
@@ -405,12 +418,8 @@ def test_bad_models_and_fitness():
             trainer.step()
 
 
-def test_non_finite_fitness_counted_worst():
+def test_no_finite_fitness_is_an_error():
     values = torch.tensor([1.0, float("nan"), 3.0, float("inf")])
-    trainer = EGGROLLTrainer(model=mlp(), fitness_fn=batched_fitness(lambda p: values), population_size=4)
-    with pytest.warns(RuntimeWarning, match="2 non-finite"):
-        stats = trainer.step()
-    assert stats["fitness"] == 3.0 and stats["mean_fitness"] == pytest.approx((1 + 1 + 3 + 1) / 4)
     trainer = EGGROLLTrainer(
         model=mlp(), fitness_fn=batched_fitness(lambda p: values * float("nan")), population_size=4
     )

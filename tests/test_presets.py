@@ -226,9 +226,9 @@ def test_typed_overrides_from_flags() -> None:
 
 
 def test_overrides_apply_together_before_validation() -> None:
-    # Each alone would break divisibility; together they are consistent.
-    preset = apply_overrides(BASE, ["population=30", "noise_reuse=3", "group_size=6"])
-    assert (preset.trainer.population, preset.trainer.noise_reuse) == (30, 3)
+    # group_size=15 alone breaks divisibility and the antithetic pairing; together they are consistent.
+    preset = apply_overrides(BASE, ["population=30", "noise_reuse=0", "group_size=15"])
+    assert (preset.trainer.population, preset.trainer.noise_reuse, preset.trainer.group_size) == (30, 0, 15)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +258,8 @@ def test_overrides_apply_together_before_validation() -> None:
         ("sigma=nan", "trainer.sigma: must be > 0"),
         ("lr=0", "trainer.lr: must be > 0"),
         ("rank=0", "trainer.rank: must be >= 1"),
-        ("noise_reuse=1", "trainer.noise_reuse: must be 0 (no reuse) or >= 2"),
+        ("noise_reuse=1", "trainer.noise_reuse: must be 0 (independent members) or 2"),
+        ("noise_reuse=3", "trainer.noise_reuse: must be 0 (independent members) or 2"),
         ("group_size=3", "trainer.population: must be divisible by trainer.group_size = 3"),
         ("group_size=1", "trainer.group_size: must be 0"),
         ("weight_decay=-1", "trainer.weight_decay: must be >= 0"),
@@ -281,6 +282,14 @@ def test_override_errors(override: str, fragment: str) -> None:
         apply_overrides(BASE, [override])
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_group_size_must_keep_antithetic_pairs_together() -> None:
+    with pytest.raises(
+        PresetError, match=r"trainer\.group_size: must be a multiple of trainer\.noise_reuse = 2"
+    ):
+        apply_overrides(BASE, ["population=96", "group_size=3"])
+    assert apply_overrides(BASE, ["population=96", "group_size=6"]).trainer.group_size == 6
 
 
 def test_typed_override_of_wrong_type() -> None:

@@ -372,7 +372,8 @@ def test_user_registered_env_trains_through_the_library():
     policy = make_policy(env.observation_space, env.action_space, hidden_sizes=())
     before = evaluate(policy, "EggrollTest/Target-v0", episodes=50, seed=1).mean
     fitness = RolloutFitness("EggrollTest/Target-v0", episodes_per_member=2, seed=0)
-    history = make_trainer(policy, fitness, learning_rate=0.5, sigma=0.5).train(100)
+    # lr 0.5 under the former lr / sigma scale, converted to lr / (sigma^2 sqrt(N)): the same steps
+    history = make_trainer(policy, fitness, learning_rate=0.5 / (0.5**2 * 32**0.5), sigma=0.5).train(100)
     after = evaluate(policy, "EggrollTest/Target-v0", episodes=50, seed=1).mean
     assert history["env_steps"][-1] == 32 * 2 * 5
     assert history["total_env_steps"][-1] == 100 * 32 * 2 * 5
