@@ -391,3 +391,85 @@ void eggroll_mlp_forward(const eggroll_mlp* p, const float* x, int64_t rows, int
     }
   }
 }
+
+/* ---- Counter-based Gaussian noise (the definition, in PyTorch ops, is eggroll_rl/noise.py) ----
+
+   eggroll_noise_fill: numbers start..stop-1 of parameter block `block`, draws draw0.., generation
+   `gen`, as float16 bits into half[d * ld + k - start] (and their float32 values into full, when
+   given). Number 32g + 8l + i is word l of Philox4x32-10 (Salmon et al. 2011) at counter
+   (8g + i, draw, gen, block) under the key (seed low, seed high word); the word becomes a normal
+   through the inverse-CDF knots (int32, |z| 2^24) with integer interpolation and one
+   round-to-nearest-even to float16. Integer operations only (the int -> float conversions below
+   are exact), so every build gives the same bits as the reference. Written so the compiler
+   vectorises the loops. */
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+#define NOISE_BATCH 64 /* counters per batch: 256 numbers, a multiple of 8 */
+
+/* floor(log2 x) for 1 <= x < 2^32, from an exact int -> float conversion (x or x >> 8 < 2^24):
+   vectorisable where a count-leading-zeros is not (before AVX-512). */
+static inline int32_t noise_msb(uint32_t x) {
+  const uint32_t sh = (uint32_t)(x >= (1u << 24)) << 3;
+  const float f = (float)(int32_t)(x >> sh);
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  return (int32_t)(b >> 23) - 127 + (int32_t)sh;
+}
+
+void eggroll_noise_fill(uint16_t* restrict half, float* restrict full, int64_t ld, int64_t draw0,
+                        int64_t draws, uint64_t seed, uint32_t gen, uint32_t block, int64_t start,
+                        int64_t stop, const int32_t* restrict knots, int nthreads) {
+  const int64_t c_first = (start / 32) * 8, c_end = ((stop + 31) / 32) * 8;
+  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
+  #pragma omp parallel for schedule(static) num_threads(nthreads) \
+      if (nthreads > 1 && draws * (stop - start) > 65536)
+  for (int64_t d = 0; d < draws; ++d) {
+    uint32_t x[4][NOISE_BATCH];
+    uint16_t h[4 * NOISE_BATCH];
+    for (int64_t c = c_first; c < c_end; c += NOISE_BATCH) {
+      for (int i = 0; i < NOISE_BATCH; ++i) {
+        x[0][i] = (uint32_t)(c + i);
+        x[1][i] = (uint32_t)(draw0 + d);
+        x[2][i] = gen;
+        x[3][i] = block;
+      }
+      uint32_t k0 = key0, k1 = key1;
+      for (int r = 0; r < 10; ++r) {
+        for (int i = 0; i < NOISE_BATCH; ++i) {
+          const uint64_t p0 = (uint64_t)PHILOX_M0 * x[0][i], p1 = (uint64_t)PHILOX_M1 * x[2][i];
+          const uint32_t y0 = (uint32_t)(p1 >> 32) ^ x[1][i] ^ k0;
+          const uint32_t y2 = (uint32_t)(p0 >> 32) ^ x[3][i] ^ k1;
+          x[1][i] = (uint32_t)p1;
+          x[3][i] = (uint32_t)p0;
+          x[0][i] = y0;
+          x[2][i] = y2;
+        }
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+      }
+      for (int l = 0; l < 4; ++l) {
+        for (int i = 0; i < NOISE_BATCH; ++i) {
+          const uint32_t w = x[l][i];
+          const uint32_t t = (w << 1) | 1u; /* p = t / 2^33 */
+          const int32_t e = noise_msb(t);
+          const uint32_t n = t << (31 - e);
+          const int32_t q = e * 256 + (int32_t)((n >> 23) & 255u);
+          const uint32_t hi = (uint32_t)knots[q], lo = (uint32_t)knots[q + 1];
+          const uint32_t v = lo + (((4096u - ((n >> 11) & 4095u)) * (hi - lo)) >> 12);
+          const int32_t b = noise_msb(v);
+          const int32_t s = (b - 10) & -(int32_t)(b > 10);
+          const uint32_t r = (2u * v + (1u << s) - 1u + ((v >> s) & 1u)) >> (s + 1);
+          h[32 * (i / 8) + 8 * l + i % 8] = (uint16_t)((((uint32_t)s << 10) + r) | ((w >> 31) << 15));
+        }
+      }
+      const int64_t first = c * 4, last = (c + NOISE_BATCH) * 4; /* numbers of this batch */
+      const int64_t lo = first < start ? start : first, hi = last > stop ? stop : last;
+      if (lo >= hi) continue;
+      memcpy(half + d * ld + (lo - start), h + (lo - first), (size_t)(hi - lo) * sizeof(uint16_t));
+      if (full)
+        for (int64_t k = lo; k < hi; ++k) full[d * ld + (k - start)] = half_to_float(h[k - first]);
+    }
+  }
+}
