@@ -161,11 +161,18 @@ def normal_bits(words: torch.Tensor, knots: torch.Tensor | None = None) -> torch
     q = (e << 8) | ((n >> 23) & 255)
     hi, lo = knots[q], knots[q + 1]
     v = lo + (((4096 - ((n >> 11) & 4095)) * (hi - lo)) >> _FRACTION)  # |z| * 2^24, >= 10
-    # v * 2^-24 to float16, to nearest even: v itself below 2^11 (subnormals and the first binade),
-    # else v's top 11 bits rounded, with the exponent s in the field above them.
-    s = (_msb(v) - 10).clamp_(min=0)
+    return _fixed_to_half_bits(v) + ((words >> 31) << 15)
+
+
+def _fixed_to_half_bits(v: torch.Tensor) -> torch.Tensor:
+    """Return the float16 bits of ``v * 2^-24`` rounded to nearest even, for int64 ``0 <= v < 2^27``.
+
+    Below 2^11 the bits are ``v`` itself (subnormals and the first binade); above, ``v``'s top 11
+    bits rounded, with the exponent ``s`` in the field above them (a carry moves into it).
+    """
+    s = (_msb(v.clamp(min=1)) - 10).clamp_(min=0)
     r = (2 * v + (torch.ones_like(s) << s) - 1 + ((v >> s) & 1)) >> (s + 1)
-    return (s << 10) + r + ((words >> 31) << 15)
+    return (s << 10) + r
 
 
 def _as_half(bits: torch.Tensor) -> torch.Tensor:
@@ -295,7 +302,7 @@ class NoiseGenerator:
         for generation in (0, 1):
             for b, size in enumerate(self.layout.sizes):
                 piece = self.block(generation, b, 0, min(size, 96), 0, 3)
-                h.update(piece.cpu().view(torch.int16).numpy().tobytes())
+                h.update(piece.cpu().view(torch.int16).numpy().astype("<i2").tobytes())
         return h.hexdigest()
 
     def _fill(
