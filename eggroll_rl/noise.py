@@ -57,7 +57,8 @@ _KNOTS_PER_OCTAVE = 256
 _OCTAVES = 32
 _FIXED = 24  # knots are |z| * 2^24, rounded
 _FRACTION = 12  # bits of the position between two knots
-_CHUNK = 1 << 20  # numbers per piece of the PyTorch path (bounds its int64 temporaries)
+_CHUNK = 1 << 16  # numbers per piece of the PyTorch path on CPU: int64 temporaries that stay in cache
+_CHUNK_GPU = 1 << 22  # on accelerators, fewer and larger kernels
 _GROUP = 32  # numbers per group of 8 counters
 
 
@@ -73,7 +74,12 @@ def philox4x32(counter: tuple, key: tuple[int, int], rounds: int = 10) -> tuple:
         if r:
             k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
         p0, p1 = c0 * _M0, c2 * _M1  # < 2^64: exact in int64 up to the wrap, which keeps the low 64 bits
-        c0, c1, c2, c3 = ((p1 >> 32) & _MASK32) ^ c1 ^ k0, p1 & _MASK32, ((p0 >> 32) & _MASK32) ^ c3 ^ k1, p0 & _MASK32
+        c0, c1, c2, c3 = (
+            ((p1 >> 32) & _MASK32) ^ c1 ^ k0,
+            p1 & _MASK32,
+            ((p0 >> 32) & _MASK32) ^ c3 ^ k1,
+            p0 & _MASK32,
+        )
     return c0, c1, c2, c3
 
 
@@ -102,18 +108,66 @@ def _poly(coefs: tuple[float, ...], x: float) -> float:
 
 
 # AS241 PPND16 (Wichura 1988), highest degree first.
-_A = (2509.0809287301226727, 33430.575583588128105, 67265.770927008700853, 45921.953931549871457,
-      13731.693765509461125, 1971.5909503065514427, 133.14166789178437745, 3.387132872796366608)  # fmt: skip
-_B = (5226.495278852854561, 28729.085735721942674, 39307.89580009271061, 21213.794301586595867,
-      5394.1960214247511077, 687.1870074920579083, 42.313330701600911252, 1.0)  # fmt: skip
-_C = (7.7454501427834140764e-4, 0.0227238449892691845833, 0.24178072517745061177, 1.27045825245236838258,
-      3.64784832476320460504, 5.7694972214606914055, 4.6303378461565452959, 1.42343711074968357734)  # fmt: skip
-_D = (1.05075007164441684324e-9, 5.475938084995344946e-4, 0.0151986665636164571966, 0.14810397642748007459,
-      0.68976733498510000455, 1.6763848301838038494, 2.05319162663775882187, 1.0)  # fmt: skip
-_E = (2.01033439929228813265e-7, 2.71155556874348757815e-5, 0.0012426609473880784386, 0.026532189526576123093,
-      0.29656057182850489123, 1.7848265399172913358, 5.4637849111641143699, 6.6579046435011037772)  # fmt: skip
-_F = (2.04426310338993978564e-15, 1.4215117583164458887e-7, 1.8463183175100546818e-5, 7.868691311456132591e-4,
-      0.0148753612908506148525, 0.13692988092273580531, 0.59983220655588793769, 1.0)  # fmt: skip
+_A = (
+    2509.0809287301226727,
+    33430.575583588128105,
+    67265.770927008700853,
+    45921.953931549871457,
+    13731.693765509461125,
+    1971.5909503065514427,
+    133.14166789178437745,
+    3.387132872796366608,
+)
+_B = (
+    5226.495278852854561,
+    28729.085735721942674,
+    39307.89580009271061,
+    21213.794301586595867,
+    5394.1960214247511077,
+    687.1870074920579083,
+    42.313330701600911252,
+    1.0,
+)
+_C = (
+    7.7454501427834140764e-4,
+    0.0227238449892691845833,
+    0.24178072517745061177,
+    1.27045825245236838258,
+    3.64784832476320460504,
+    5.7694972214606914055,
+    4.6303378461565452959,
+    1.42343711074968357734,
+)
+_D = (
+    1.05075007164441684324e-9,
+    5.475938084995344946e-4,
+    0.0151986665636164571966,
+    0.14810397642748007459,
+    0.68976733498510000455,
+    1.6763848301838038494,
+    2.05319162663775882187,
+    1.0,
+)
+_E = (
+    2.01033439929228813265e-7,
+    2.71155556874348757815e-5,
+    0.0012426609473880784386,
+    0.026532189526576123093,
+    0.29656057182850489123,
+    1.7848265399172913358,
+    5.4637849111641143699,
+    6.6579046435011037772,
+)
+_F = (
+    2.04426310338993978564e-15,
+    1.4215117583164458887e-7,
+    1.8463183175100546818e-5,
+    7.868691311456132591e-4,
+    0.0148753612908506148525,
+    0.13692988092273580531,
+    0.59983220655588793769,
+    1.0,
+)
 
 
 def _upper_quantile(p: float) -> float:
@@ -206,7 +260,8 @@ def reference_noise(
     key = (seed & _MASK32, seed >> 32)
     rows = torch.arange(draw0, draw0 + draws, device=device).view(-1, 1, 1)
     lanes = torch.arange(8, device=device)
-    per_piece = max(1, _CHUNK // (_GROUP * max(draws, 1)))  # groups of 32 numbers per piece
+    chunk = _CHUNK if device.type == "cpu" else _CHUNK_GPU
+    per_piece = max(1, chunk // (_GROUP * max(draws, 1)))  # groups of 32 numbers per piece
     g, g_end = start // _GROUP, -(-stop // _GROUP)
     while g < g_end:
         g_next = min(g + per_piece, g_end)
@@ -273,8 +328,10 @@ class NoiseGenerator:
         self.width = layout.width
         self._knots = torch.from_numpy(knot_table())  # int32, read by the compiled kernel
 
-    def block(self, generation: int, block: int, start: int, stop: int, draw0: int = 0, draws: int = 1) -> torch.Tensor:
-        """Return numbers ``start..stop-1`` of ``block`` for draws ``draw0..`` (``(draws, stop-start)`` float16)."""
+    def block(
+        self, generation: int, block: int, start: int, stop: int, draw0: int = 0, draws: int = 1
+    ) -> torch.Tensor:
+        """Return numbers ``start..stop-1`` of ``block`` for draws ``draw0..`` as ``(draws, n)`` float16."""
         out = torch.empty(draws, stop - start, dtype=torch.float16, device=self.device)
         self._fill(out, None, generation, block, start, stop, draw0, draws)
         return out
@@ -320,7 +377,9 @@ class NoiseGenerator:
         _check_range("generation", generation, 0, 1 << 32)
         _check_range("draw0 + draws", draw0 + draws, 0, (1 << 32) + 1)
         if not 0 <= start <= stop <= self.layout.sizes[block]:
-            raise ValueError(f"numbers {start}..{stop} are not inside block {block} ({self.layout.sizes[block]})")
+            raise ValueError(
+                f"numbers {start}..{stop} are not inside block {block} ({self.layout.sizes[block]})"
+            )
         if draws == 0 or stop == start:
             return full is not None
         fill = _compiled_fill() if self.device.type == "cpu" else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import statistics
@@ -56,7 +57,7 @@ def test_knot_table_is_the_inverse_normal_cdf_and_pinned():
     assert knots.shape == (8193,) and knots.dtype == np.int32 and knots[-1] == 0
     assert (np.diff(knots.astype(np.int64)) < 0).all()  # |z| falls as p rises to 1/2
     nd = statistics.NormalDist()
-    for q in list(range(0, 8192, 37)) + [0, 255, 256, 8191]:
+    for q in [*range(0, 8192, 37), 0, 255, 256, 8191]:
         e, j = divmod(q, 256)
         p = math.ldexp(1 + j / 256, e - 33)
         assert abs(knots[q] / 2**24 + nd.inv_cdf(p)) < 2**-24  # rounded to the nearest 2^-24
@@ -86,12 +87,19 @@ def test_fixed_point_to_float16_rounds_to_nearest_even():
             torch.randint(10, 1 << 27, (200_000,), generator=gen),
             # ties (halfway between two float16 numbers) and their neighbours in every binade
             torch.tensor(
-                [(m << s) + (1 << (s - 1)) + d for s in range(1, 17) for m in (1024, 1025, 2047) for d in (-1, 0, 1)]
+                [
+                    (m << s) + (1 << (s - 1)) + d
+                    for s in range(1, 17)
+                    for m in (1024, 1025, 2047)
+                    for d in (-1, 0, 1)
+                ]
             ),
         ]
     )
     ours = noise._fixed_to_half_bits(v)
-    exact = torch.from_numpy((v.double().numpy() * 2.0**-24).astype(np.float16).view(np.uint16).astype(np.int64))
+    exact = torch.from_numpy(
+        (v.double().numpy() * 2.0**-24).astype(np.float16).view(np.uint16).astype(np.int64)
+    )
     assert torch.equal(ours, exact)
 
 
@@ -204,7 +212,7 @@ def test_chunked_equals_unchunked(monkeypatch):
     gen = NoiseGenerator(5, NoiseLayout.from_sizes({"w": 10_000_037}))
     whole = gen.block(3, 0, 9_990_000, 10_000_037, 65_535, 2)
     cuts = [9_990_000, 9_990_001, 9_990_031, 9_995_000, 9_995_777, 10_000_037]
-    pieces = torch.cat([gen.block(3, 0, a, b, 65_535, 2) for a, b in zip(cuts, cuts[1:])], dim=1)
+    pieces = torch.cat([gen.block(3, 0, a, b, 65_535, 2) for a, b in itertools.pairwise(cuts)], dim=1)
     assert torch.equal(bits_of(whole), bits_of(pieces))
     rows = torch.cat([gen.block(3, 0, 9_990_000, 10_000_037, 65_535 + d, 1) for d in range(2)])
     assert torch.equal(bits_of(whole), bits_of(rows))
@@ -298,7 +306,7 @@ def test_moments_and_tails_match_the_standard_normal():
     assert abs(float((x > 0).double().mean()) - 0.5) < 5 * math.sqrt(0.25 / n)
 
 
-# -- the trainers use it --------------------------------------------------------------------------------------
+# -- the trainers use it ---------------------------------------------------------------------------------
 def test_trainer_rows_are_generator_rows_and_the_kernel_reads_them():
     trainer = toy.make_trainer(population_size=8, rank=2, noise_reuse=2)
     trainer.generation = 4
@@ -306,7 +314,9 @@ def test_trainer_rows_are_generator_rows_and_the_kernel_reads_them():
     half, full = trainer.noise.sample(4, 4)
     assert torch.equal(p.noise, full) and torch.equal(full, half.float())
     table, offsets = p.source
-    assert table.dtype == torch.float16 and table.is_contiguous() and table.numel() == 4 * trainer.layout.width
+    assert (
+        table.dtype == torch.float16 and table.is_contiguous() and table.numel() == 4 * trainer.layout.width
+    )
     assert offsets.tolist() == [j * trainer.layout.width for j in range(4)]
     assert torch.equal(bits_of(table.view(4, -1)), bits_of(half))
     for name, offset, size in zip(trainer.layout.names, trainer.layout.offsets, trainer.layout.sizes):
@@ -328,7 +338,7 @@ def test_checkpoint_from_the_old_noise_is_refused():
     state = toy.make_trainer().state_dict()
     assert state["config"]["noise"] == SCHEME
     del state["config"]["noise"]  # what a checkpoint from the table noise holds
-    with pytest.raises(ValueError, match="noise .*table.* cannot resume"):
+    with pytest.raises(ValueError, match=r"noise .*table.* cannot resume"):
         toy.make_trainer().load_state_dict(state)
 
 
