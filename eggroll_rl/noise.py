@@ -198,8 +198,13 @@ def knot_table() -> np.ndarray:
 
 
 def _msb(x: torch.Tensor) -> torch.Tensor:
-    """Return floor(log2 x) for int64 ``1 <= x < 2^53`` (exact: the float64 conversion is)."""
-    return (x.to(torch.float64).view(torch.int64) >> 52) - 1023
+    """Return floor(log2 x) for int64 ``1 <= x < 2^32``, from the exponent of an exact float32.
+
+    ``x`` or ``x >> 8`` is below 2^24, so its float32 conversion is exact (as in the C code).
+    """
+    shift = ((x >> 24) != 0).to(x.dtype) << 3
+    exponent = (x >> shift).to(torch.float32).view(torch.int32).to(x.dtype) >> 23
+    return exponent - 127 + shift
 
 
 def normal_bits(words: torch.Tensor, knots: torch.Tensor | None = None) -> torch.Tensor:
