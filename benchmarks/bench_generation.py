@@ -2,7 +2,7 @@
 
 Parts (each the real trainer code path, interleaved in a shuffled order per round, medians):
 
-* ``sample``   ``trainer.sample_perturbations(N)`` (the counter-based table gather)
+* ``sample``   ``trainer.sample_perturbations(N)`` (the counter-based noise: Philox + inverse CDF)
 * ``prepare``  ``trainer.make_population(...)`` (signed, scaled per-member factors and biases)
 * ``forward``  one ``pop(x)`` on ``(N, 64)`` inputs; ``plain`` is ``model(x)`` for comparison
 * ``shaping``  ``trainer.shaper(fitness)`` (z-score)

@@ -8,6 +8,7 @@ does the evaluation protocols, bookkeeping, schedules, optimizers, checkpoints a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import World
-from .noise import NoiseLayout, NoiseTable, reuse_pattern
+from .distributed import World, check_agreement
+from .noise import SCHEME, NoiseGenerator, NoiseLayout, reuse_pattern
 from .params import FlatParameters, bind
 from .perturbations import FullRankPerturbations, LowRankPerturbations
 from .population import (
@@ -438,7 +439,7 @@ def _check_finite(fitness: torch.Tensor, generation: int, warn: bool = True) -> 
 
 
 class _TableES(ESTrainer):
-    """Shared machinery of the built-in trainers: table noise, noise reuse and shaped updates.
+    """Shared machinery of the built-in trainers: counter-based noise, noise reuse and shaped updates.
 
     The update follows the EGGROLL reference implementation (ESHyperscale/HyperscaleES,
     ``noiser/eggroll.py`` and ``noiser/open_es.py``, ``_do_update``), for both trainers::
@@ -494,17 +495,33 @@ class _TableES(ESTrainer):
         self.draws, self.draw_index, self.signs = reuse_pattern(
             self.population_size, self.noise_reuse, self.device
         )
-        self.noise = NoiseTable(self.seed, self._noise_width(), self.device)
+        self.noise = NoiseGenerator(self.seed, self._noise_layout(), self.device)
+        # Every rank must draw the same numbers for the same member (same seed, layout, code and
+        # bits): compare a hash of a probe of the noise and the configuration once, up front.
+        if self.world.size > 1:
+            probe = hashlib.sha256(repr(self._config()).encode() + self.noise.fingerprint().encode())
+            check_agreement(self.world, "noise and configuration", probe.hexdigest())
 
-    def _noise_width(self) -> int:
-        """Return how many table numbers one draw reads (every parameter, full rank)."""
-        return self._params.numel
+    def _noise_layout(self) -> NoiseLayout:
+        """Lay out one draw: every parameter, full rank, one block each."""
+        return NoiseLayout.from_sizes({s.name: s.numel for s in self._params.specs})
 
-    def _draw_noise(self, offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """Return this generation's ``(draws, width)`` table noise in the parameters' dtype."""
-        if offsets is None:
-            offsets = self.noise.offsets(self.generation, self.draws)
-        return self.noise.windows(offsets).to(self.current_params.dtype)
+    def _draw_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return this generation's ``(draws, width)`` noise: float16, and in the parameters' dtype."""
+        return self.noise.sample(self.generation, self.draws, self.current_params.dtype)
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "noise": SCHEME}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; refuse one made with another noise scheme."""
+        made_with = state.get("config", {}).get("noise", "the float16 table (eggroll-rl <= 0.1)")
+        if made_with != SCHEME:
+            raise ValueError(
+                f"checkpoint was made with noise {made_with!r}, this version draws {SCHEME!r}: "
+                "its members cannot be rebuilt, so it cannot resume; start a new run"
+            )
+        super().load_state_dict(state)
 
     def compute_update(self, perturbations: Any, fitnesses: torch.Tensor) -> torch.Tensor:
         """Return ``sigma * sqrt(N) * mean_i(f~_i E_i)`` (flat, ``(numel,)``), ``f~`` the shaped fitness.
@@ -520,7 +537,7 @@ class VanillaESTrainer(_TableES):
 
     def sample_perturbations(self, population_size: int) -> FullRankPerturbations:
         """Return ``p[i] = sign_i * sigma * eps_draw(i)`` with eps a full Gaussian vector."""
-        return FullRankPerturbations(self._draw_noise(), self.sigma, self.draw_index, self.signs)
+        return FullRankPerturbations(self._draw_noise()[1], self.sigma, self.draw_index, self.signs)
 
 
 class EGGROLLTrainer(_TableES):
@@ -561,7 +578,7 @@ class EGGROLLTrainer(_TableES):
         if self.batched:
             check_lowrank_model(model)
 
-    def _noise_width(self) -> int:
+    def _noise_layout(self) -> NoiseLayout:
         """Lay out one draw: ``A`` and ``B`` per matrix, full noise per other (unfrozen) parameter."""
         norm_params = {
             id(p)
@@ -586,13 +603,13 @@ class EGGROLLTrainer(_TableES):
             raise ValueError("freeze_nonlora=True but the model has no matrix parameters to train")
         self.lowrank, self.frozen = frozenset(lowrank), frozenset(frozen)
         self.layout = NoiseLayout.from_sizes(sizes)
-        return self.layout.width
+        return self.layout
 
     def sample_perturbations(self, population_size: int) -> LowRankPerturbations:
-        """Return this generation's low-rank factors (one table window per draw)."""
-        offsets = self.noise.offsets(self.generation, self.draws)
+        """Return this generation's low-rank factors (one noise row per draw)."""
+        half, full = self._draw_noise()
         return LowRankPerturbations(
-            self._draw_noise(offsets),
+            full,
             self.layout,
             self._params.specs,
             self.lowrank,
@@ -602,8 +619,12 @@ class EGGROLLTrainer(_TableES):
             self.draw_index,
             self.signs,
             self._params.numel,
-            source=None if self.noise.table_fp16 is None else (self.noise.table_fp16, offsets),
+            # The CPU kernel reads member j's row at j * width of the flat float16 copy.
+            source=None if half.device.type != "cpu" else (half.view(-1), self._row_starts(half)),
         )
+
+    def _row_starts(self, half: torch.Tensor) -> torch.Tensor:
+        return torch.arange(half.shape[0], dtype=torch.int64) * half.shape[1]
 
     def make_population(self, perturbations: Any, indices: torch.Tensor) -> Population:
         """Return the low-rank batched model of the members ``indices``."""

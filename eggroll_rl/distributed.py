@@ -261,3 +261,27 @@ class World:
                 f"rank {self.rank}: collective {what} failed — another rank died, raised outside "
                 f"the evaluation or did not answer within the timeout ({_describe(exc)})"
             ) from exc
+
+
+def disagreement(what: str, values: list[str]) -> str | None:
+    """Return a message naming the ranks whose value differs from rank 0's, or None if all agree."""
+    others = [r for r, v in enumerate(values) if v != values[0]]
+    if not others:
+        return None
+    ranks = ", ".join(map(str, others))
+    return (
+        f"ranks disagree on the {what}: rank(s) {ranks} differ from rank 0 ({len(values)} ranks); "
+        "every rank must run the same configuration and code, and draw the same noise"
+    )
+
+
+def check_agreement(world: World, what: str, value: str) -> None:
+    """Raise a DistributedError on every rank unless all ranks hold the same ``value`` (a hash).
+
+    One ``all_gather_object`` of a short string; nothing to do in a world of one.
+    """
+    if world.size == 1:
+        return
+    message = disagreement(what, world.all_gather_object(value))
+    if message is not None:
+        raise DistributedError(message)

@@ -426,3 +426,182 @@ void eggroll_mlp_forward(const eggroll_mlp* p, const float* x, int64_t rows, int
     }
   }
 }
+
+/* ---- Counter-based Gaussian noise (the definition, in PyTorch ops, is eggroll_rl/noise.py) ----
+
+   eggroll_noise_fill: numbers start..stop-1 of parameter block `block`, draws draw0.., generation
+   `gen`, as float16 bits into half[d * ld + k - start] (and their float32 values into full, when
+   given). Number 32g + 8l + i is word l of Philox4x32-10 (Salmon et al. 2011) at counter
+   (8g + i, draw, gen, block) under the key (seed low, seed high word); the word becomes a normal
+   through the inverse-CDF knots (int32, |z| 2^24) with integer interpolation and one
+   round-to-nearest-even to float16. Integer operations only (the int -> float conversions below
+   are exact), so every build gives the same bits as the reference. Written so the compiler
+   vectorises the loops. */
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+#define NOISE_BATCH 64 /* counters per batch: 256 numbers, a multiple of 8 */
+
+/* floor(log2 x) for 1 <= x < 2^32, from an exact int -> float conversion (x or x >> 8 < 2^24):
+   vectorisable where a count-leading-zeros is not (before AVX-512). */
+static inline int32_t noise_msb(uint32_t x) {
+  const uint32_t sh = (uint32_t)(x >= (1u << 24)) << 3;
+  const float f = (float)(int32_t)(x >> sh);
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  return (int32_t)(b >> 23) - 127 + (int32_t)sh;
+}
+
+#if !defined(__AVX2__)
+/* Portable: plain loops over a batch of counters (the compiler vectorises the Philox rounds). */
+void eggroll_noise_fill(uint16_t* restrict half, float* restrict full, int64_t ld, int64_t draw0,
+                        int64_t draws, uint64_t seed, uint32_t gen, uint32_t block, int64_t start,
+                        int64_t stop, const int32_t* restrict knots, int nthreads) {
+  const int64_t c_first = (start / 32) * 8, c_end = ((stop + 31) / 32) * 8;
+  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
+  #pragma omp parallel for schedule(static) num_threads(nthreads) \
+      if (nthreads > 1 && draws * (stop - start) > 65536)
+  for (int64_t d = 0; d < draws; ++d) {
+    uint32_t x[4][NOISE_BATCH];
+    uint16_t h[4 * NOISE_BATCH];
+    for (int64_t c = c_first; c < c_end; c += NOISE_BATCH) {
+      for (int i = 0; i < NOISE_BATCH; ++i) {
+        x[0][i] = (uint32_t)(c + i);
+        x[1][i] = (uint32_t)(draw0 + d);
+        x[2][i] = gen;
+        x[3][i] = block;
+      }
+      uint32_t k0 = key0, k1 = key1;
+      for (int r = 0; r < 10; ++r) {
+        for (int i = 0; i < NOISE_BATCH; ++i) {
+          const uint64_t p0 = (uint64_t)PHILOX_M0 * x[0][i], p1 = (uint64_t)PHILOX_M1 * x[2][i];
+          const uint32_t y0 = (uint32_t)(p1 >> 32) ^ x[1][i] ^ k0;
+          const uint32_t y2 = (uint32_t)(p0 >> 32) ^ x[3][i] ^ k1;
+          x[1][i] = (uint32_t)p1;
+          x[3][i] = (uint32_t)p0;
+          x[0][i] = y0;
+          x[2][i] = y2;
+        }
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+      }
+      for (int l = 0; l < 4; ++l) {
+        for (int i = 0; i < NOISE_BATCH; ++i) {
+          const uint32_t w = x[l][i];
+          const uint32_t t = (w << 1) | 1u; /* p = t / 2^33 */
+          const int32_t e = noise_msb(t);
+          const uint32_t n = t << (31 - e);
+          const int32_t q = e * 256 + (int32_t)((n >> 23) & 255u);
+          const uint32_t hi = (uint32_t)knots[q], lo = (uint32_t)knots[q + 1];
+          const uint32_t v = lo + (((4096u - ((n >> 11) & 4095u)) * (hi - lo)) >> 12);
+          const int32_t b = noise_msb(v);
+          const int32_t s = (b - 10) & -(int32_t)(b > 10);
+          const uint32_t r = (2u * v + (1u << s) - 1u + ((v >> s) & 1u)) >> (s + 1);
+          h[32 * (i / 8) + 8 * l + i % 8] = (uint16_t)((((uint32_t)s << 10) + r) | ((w >> 31) << 15));
+        }
+      }
+      const int64_t first = c * 4, last = (c + NOISE_BATCH) * 4; /* numbers of this batch */
+      const int64_t lo = first < start ? start : first, hi = last > stop ? stop : last;
+      if (lo >= hi) continue;
+      memcpy(half + d * ld + (lo - start), h + (lo - first), (size_t)(hi - lo) * sizeof(uint16_t));
+      if (full)
+        for (int64_t k = lo; k < hi; ++k) full[d * ld + (k - start)] = half_to_float(h[k - first]);
+    }
+  }
+}
+#endif
+
+#if defined(__AVX2__)
+/* AVX2: 8 counters per register, numbers 32g + 8l + i of a group straight from register l. */
+static inline __m256i noise_msb8(__m256i x) { /* noise_msb, 8 lanes */
+  const __m256i small = _mm256_cmpeq_epi32(_mm256_srli_epi32(x, 24), _mm256_setzero_si256());
+  const __m256i sh = _mm256_andnot_si256(small, _mm256_set1_epi32(8));
+  const __m256i f = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_srlv_epi32(x, sh)));
+  return _mm256_add_epi32(_mm256_sub_epi32(_mm256_srli_epi32(f, 23), _mm256_set1_epi32(127)), sh);
+}
+
+static inline __m256i noise_bits8(__m256i w, const int32_t* knots) { /* words -> float16 bits */
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i t = _mm256_or_si256(_mm256_slli_epi32(w, 1), one);
+  const __m256i e = noise_msb8(t);
+  const __m256i n = _mm256_sllv_epi32(t, _mm256_sub_epi32(_mm256_set1_epi32(31), e));
+  const __m256i q = _mm256_add_epi32(_mm256_slli_epi32(e, 8),
+                                     _mm256_and_si256(_mm256_srli_epi32(n, 23), _mm256_set1_epi32(255)));
+  const __m256i hi = _mm256_i32gather_epi32((const int*)knots, q, 4);
+  const __m256i lo = _mm256_i32gather_epi32((const int*)(knots + 1), q, 4);
+  const __m256i g = _mm256_sub_epi32(_mm256_set1_epi32(4096),
+                                     _mm256_and_si256(_mm256_srli_epi32(n, 11), _mm256_set1_epi32(4095)));
+  const __m256i v = _mm256_add_epi32(lo, _mm256_srli_epi32(_mm256_mullo_epi32(g, _mm256_sub_epi32(hi, lo)), 12));
+  const __m256i s = _mm256_max_epi32(_mm256_sub_epi32(noise_msb8(v), _mm256_set1_epi32(10)),
+                                     _mm256_setzero_si256());
+  const __m256i sum = _mm256_add_epi32(
+      _mm256_add_epi32(_mm256_slli_epi32(v, 1), _mm256_sub_epi32(_mm256_sllv_epi32(one, s), one)),
+      _mm256_and_si256(_mm256_srlv_epi32(v, s), one));
+  const __m256i r = _mm256_srlv_epi32(sum, _mm256_add_epi32(s, one));
+  return _mm256_or_si256(_mm256_add_epi32(_mm256_slli_epi32(s, 10), r),
+                         _mm256_slli_epi32(_mm256_srli_epi32(w, 31), 15));
+}
+
+void eggroll_noise_fill(uint16_t* restrict half, float* restrict full, int64_t ld, int64_t draw0,
+                        int64_t draws, uint64_t seed, uint32_t gen, uint32_t block, int64_t start,
+                        int64_t stop, const int32_t* restrict knots, int nthreads) {
+  const int64_t g_first = start / 32, g_end = (stop + 31) / 32;
+  const __m256i m0 = _mm256_set1_epi32((int)PHILOX_M0), m1 = _mm256_set1_epi32((int)PHILOX_M1);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  #pragma omp parallel for schedule(static) num_threads(nthreads) \
+      if (nthreads > 1 && draws * (stop - start) > 65536)
+  for (int64_t d = 0; d < draws; ++d) {
+    uint16_t* hrow = half + d * ld - start;
+    float* frow = full ? full + d * ld - start : NULL;
+    for (int64_t g = g_first; g < g_end; ++g) {
+      __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(8 * g)), lanes);
+      __m256i x1 = _mm256_set1_epi32((int)(uint32_t)(draw0 + d));
+      __m256i x2 = _mm256_set1_epi32((int)gen), x3 = _mm256_set1_epi32((int)block);
+      uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+      for (int r = 0; r < 10; ++r) {
+        const __m256i e0 = _mm256_mul_epu32(x0, m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(x0, 32), m0);
+        const __m256i e1 = _mm256_mul_epu32(x2, m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(x2, 32), m1);
+        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
+        const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
+        const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
+        x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32((int)k0));
+        x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32((int)k1));
+        x1 = lo1;
+        x3 = lo0;
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+      }
+      /* packus interleaves 128-bit halves; the permute puts the 16 numbers of two registers in order */
+      const __m256i a = _mm256_permute4x64_epi64(
+          _mm256_packus_epi32(noise_bits8(x0, knots), noise_bits8(x1, knots)), 0xD8);
+      const __m256i b = _mm256_permute4x64_epi64(
+          _mm256_packus_epi32(noise_bits8(x2, knots), noise_bits8(x3, knots)), 0xD8);
+      const int64_t first = 32 * g;
+      if (first >= start && first + 32 <= stop) {
+        _mm256_storeu_si256((__m256i*)(hrow + first), a);
+        _mm256_storeu_si256((__m256i*)(hrow + first + 16), b);
+        if (frow) {
+#if defined(__F16C__)
+          for (int c = 0; c < 4; ++c)
+            _mm256_storeu_ps(frow + first + 8 * c,
+                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hrow + first + 8 * c))));
+#else
+          for (int c = 0; c < 32; ++c) frow[first + c] = half_to_float(hrow[first + c]);
+#endif
+        }
+      } else { /* a group cut by start or stop */
+        uint16_t buf[32];
+        _mm256_storeu_si256((__m256i*)buf, a);
+        _mm256_storeu_si256((__m256i*)(buf + 16), b);
+        const int64_t lo = first < start ? start : first, hi = first + 32 > stop ? stop : first + 32;
+        for (int64_t k = lo; k < hi; ++k) {
+          hrow[k] = buf[k - first];
+          if (frow) frow[k] = half_to_float(buf[k - first]);
+        }
+      }
+    }
+  }
+}
+#endif
