@@ -29,6 +29,7 @@ shared (no common random numbers; a warning says so), but each run is still dete
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -66,6 +67,7 @@ BACKENDS = ("auto", "sync", "async", "vector_entry_point", "envpool")
 _TRAIN, _EVAL, _SAMPLE, _ACT, _IDLE = 0, 1, 2, 3, 4
 
 EnvLike = str | gym.envs.registration.EnvSpec | VectorEnv | Callable[[int], VectorEnv]
+log = logging.getLogger(__name__)
 
 
 def derive_seed(*keys: int) -> int:
@@ -115,8 +117,9 @@ def make_vec_env(
     `env` is a registered id (including ids the user's code registered, or ``module:Id``), a
     callable ``f(num_envs) -> VectorEnv``, or a VectorEnv (returned as is). Backends: ``auto``
     uses the env's native vector implementation when it has one (CartPole) and otherwise
-    ``SyncVectorEnv``; ``sync``/``async``/``vector_entry_point`` force one; ``envpool`` needs the
-    ``envpool`` extra. `seed` is only used by backends seeded at construction (envpool).
+    ``SyncVectorEnv`` (the choice is logged at INFO); ``sync``/``async``/``vector_entry_point``
+    force one; ``envpool`` needs the ``envpool`` extra. `seed` is only used by backends seeded
+    at construction (envpool).
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {list(BACKENDS)}.")
@@ -143,6 +146,7 @@ def make_vec_env(
         vec = gym.make_vec(spec, num_envs, vectorization_mode="vector_entry_point", **env_kwargs)
         native = vec.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         if mode is None or AutoresetMode(native) == mode:
+            log.info("%s: backend %s -> the env's native vector env", spec.id, backend)
             return vec
         vec.close()
         if backend == "vector_entry_point":
@@ -153,6 +157,9 @@ def make_vec_env(
     elif backend == "vector_entry_point":
         raise ValueError(f"{spec.id} has no native vector implementation; use backend='sync'.")
     vectorization = "async" if backend == "async" else "sync"
+    # auto: SyncVectorEnv, whose sub-envs the engine steps only while they play an episode, and
+    # which seeds every episode (envpool steps faster raw but cannot: see BENCHMARKS.md).
+    log.info("%s: backend %s -> %s", spec.id, backend, vectorization)
     vector_kwargs = {} if mode is None else {"autoreset_mode": mode}
     return gym.make_vec(
         spec, num_envs, vectorization_mode=vectorization, vector_kwargs=vector_kwargs, **env_kwargs
@@ -501,7 +508,6 @@ class RolloutFitness(BatchedFitness):
         "steps_per_second": "sum",
         "episode_length_max": "max",
         "lockstep_steps": "max",
-        "stepped_fraction": "min",
         "rollout_seconds": "max",
     }
 
@@ -642,9 +648,8 @@ class RolloutFitness(BatchedFitness):
             "return_mean": float(totals[2]) / episodes,
             "steps_per_second": batch.env_steps / max(batch.seconds, 1e-9),
             "episode_length_max": float(batch.lengths.max()),
-            # Engine iterations (batched forwards) and the sub-env steps the backend ran.
+            # Engine iterations: one batched forward each.
             "lockstep_steps": float(batch.steps),
-            "stepped_fraction": batch.env_steps / max(batch.stepped, 1),
             "rollout_seconds": batch.seconds,
         }
         return fitness

@@ -332,7 +332,6 @@ def test_normaliser_sample_is_the_same_when_members_are_split_over_ranks():
         "steps_per_second": "sum",
         "episode_length_max": "max",
         "lockstep_steps": "max",
-        "stepped_fraction": "min",
         "rollout_seconds": "max",
     }
 
