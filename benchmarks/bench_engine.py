@@ -10,7 +10,8 @@ repeats of:
   steps per second of the whole rollout (forwards, resets, accounting included), with its ratio
   to the same backend's raw rate. ``lockstep`` drives the SyncVectorEnv through its batched API
   (every sub-env steps until the longest episode ends; live rows only are forwarded), the shape
-  of the loop before the work-conserving engine.
+  of the loop before the work-conserving engine; envpool steps only the live sub-envs by
+  ``env_id`` (``pool n/4``: a pool of N/4 slots refilled as episodes end).
 
     python benchmarks/bench_engine.py --repeats 5
 """
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--raw-steps", type=int, default=100)
     parser.add_argument("--agent", default="agents/LunarLander-v3")
+    parser.add_argument("--only", nargs="*", help="run only these configurations")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -71,10 +73,15 @@ def main() -> None:
     }
     if has_envpool:
         configs["envpool"] = {"backend": "envpool"}
+        configs["envpool pool n/4"] = {"backend": "envpool", "num_envs": n // 4}
+    if args.only:
+        configs = {k: v for k, v in configs.items() if k in args.only}
     policy = load_policy(args.agent, args.env)
     rates: dict[str, list[float]] = {k: [] for k in configs}
     lengths: dict[str, list[float]] = {k: [] for k in configs}
-    raws: dict[str, list[float]] = {"sync": []} | ({"envpool": []} if has_envpool else {})
+    raws: dict[str, list[float]] = {
+        b: [] for b in ("sync", "envpool") if any(c["backend"] == b for c in configs.values())
+    }
     for rep in range(args.repeats):
         for backend in raws:
             raws[backend].append(raw_rate(args.env, n, backend, args.raw_steps))

@@ -8,7 +8,9 @@ where the backend allows it:
 
 - `SyncVectorEnv` (the ``sync`` backend, and ``auto`` for envs without a native vector env): its
   sub-envs are stepped one by one, only those with a live episode;
-- any other vector env (the native CartPole, ``async``, envpool, a user's VectorEnv) steps all
+- envpool (`EnvpoolVectorEnv`): ``step(actions, env_id)`` steps only the live sub-envs, on
+  envpool's own threads;
+- any other vector env (the native CartPole, ``async``, a user's VectorEnv) steps all
   its sub-envs at each iteration; sub-envs without an episode repeat their last action and are
   ignored (cheap where stepping is vectorised or runs on other threads/processes).
 
@@ -374,6 +376,37 @@ class _Lockstep:
         return np.asarray(reward, dtype=np.float64)[live], terminated[live], truncated[live]
 
 
+class _EnvpoolSubset:
+    """Drive an envpool pool by ``env_id``: only sub-envs with a live episode step (on its threads).
+
+    envpool steps a subset synchronously with ``step(actions, env_id)`` and resets one with
+    ``reset(env_id)``, which also cancels its pending autoreset. Reset seeds are ignored (fixed at
+    construction), so start states are not shared between members.
+    """
+
+    def __init__(self, env: EnvpoolVectorEnv) -> None:
+        self.env, self.pool = env, env._pool
+        self.obs: Any = None
+
+    def start(self, seeds: list[int]) -> None:
+        self.obs = np.array(reset_with_seeds(self.env, seeds), copy=True)
+
+    def reset(self, slots: np.ndarray, seeds: list[int | None]) -> None:
+        ids = np.array([s for s, seed in zip(slots.tolist(), seeds, strict=True) if seed is not None])
+        if ids.size:
+            obs, info = self.pool.reset(ids)
+            self.obs[np.asarray(info.get("env_id", ids))] = obs
+
+    def step(self, live: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        obs, reward, terminated, truncated, info = self.pool.step(np.asarray(actions), live)
+        ids = np.asarray(info["env_id"])
+        self.obs[ids] = obs
+        pos = np.searchsorted(live, ids)  # results in the order of `live` (sorted)
+        out = np.empty(live.size), np.empty(live.size, bool), np.empty(live.size, bool)
+        out[0][pos], out[1][pos], out[2][pos] = reward, terminated, truncated
+        return out
+
+
 def _reset_cartpole_slots(env: CartPoleVectorEnv, slots: np.ndarray, seeds: list[int | None]) -> None:
     """Reset some sub-envs of the native CartPole to CartPole-v1's ``reset(seed)`` start state."""
     for s, seed in zip(slots.tolist(), seeds, strict=True):
@@ -383,8 +416,10 @@ def _reset_cartpole_slots(env: CartPoleVectorEnv, slots: np.ndarray, seeds: list
     env.prev_done[slots] = False
 
 
-def _driver(env: VectorEnv) -> _SubEnvs | _Lockstep:
-    """Pick how `run_episodes` steps `env`: sub-env by sub-env where it can (see the module doc)."""
+def _driver(env: VectorEnv) -> _SubEnvs | _EnvpoolSubset | _Lockstep:
+    """Pick how `run_episodes` steps `env`: only the live sub-envs where it can (see the module doc)."""
+    if type(env) is EnvpoolVectorEnv:
+        return _EnvpoolSubset(env)
     if (
         env is env.unwrapped
         and type(env) is SyncVectorEnv
@@ -437,6 +472,7 @@ def run_episodes(
     driver = _driver(env)
     started = min(slots, count)
     slot_episode[:started] = np.arange(started)
+    subset = not isinstance(driver, _Lockstep)  # steps only the live sub-envs
     if isinstance(driver, _SubEnvs):
         driver.reset(np.arange(started), seeds[:started])
     else:
@@ -455,7 +491,7 @@ def run_episodes(
         actions = act(forward(x, torch.from_numpy(members[episode])))
         reward, terminated, truncated = driver.step(live, actions)
         steps += 1
-        stepped += live.size if isinstance(driver, _SubEnvs) else slots
+        stepped += live.size if subset else slots
         ret[live] += reward
         length[live] += 1
         ended = terminated | truncated

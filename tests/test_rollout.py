@@ -384,16 +384,47 @@ def test_envpool_backend(monkeypatch):
 
     made = {}
 
+    class FakePool:
+        """envpool 1.2.5's API over CartPole-v1 envs: ``step(actions, env_id)``, ``reset(env_id)``,
+        sub-env i seeded with ``seed + i`` once, NEXT_STEP autoreset."""
+
+        def __init__(self, num_envs, seed, max_episode_steps):
+            limit = max_episode_steps
+            self.envs = [gym.make("CartPole-v1", max_episode_steps=limit) for _ in range(num_envs)]
+            self.stepped = self.autoresets = 0
+            self.seeds = [seed + i for i in range(num_envs)]
+            self.done = np.zeros(num_envs, bool)
+            self.observation_space = self.envs[0].observation_space
+            self.action_space = self.envs[0].action_space
+
+        def reset(self, env_id=None):
+            ids = np.arange(len(self.envs)) if env_id is None else np.asarray(env_id)
+            obs = []
+            for i in ids:
+                obs.append(self.envs[i].reset(seed=self.seeds[i])[0])
+                self.seeds[i], self.done[i] = None, False
+            return np.stack(obs), {"env_id": ids}
+
+        def step(self, actions, env_id=None):
+            ids = np.arange(len(self.envs)) if env_id is None else np.asarray(env_id)
+            out = []
+            self.stepped += len(ids)
+            for a, i in zip(actions, ids, strict=True):
+                if self.done[i]:  # the autoreset step
+                    self.autoresets += 1
+                    out.append((self.envs[i].reset()[0], 0.0, False, False))
+                    self.done[i] = False
+                    continue
+                o, r, te, tr, _ = self.envs[i].step(int(a))
+                self.done[i] = te or tr
+                out.append((o, r, te, tr))
+            o, r, te, tr = (np.array(v) for v in zip(*out, strict=True))
+            return o, r, te, tr, {"env_id": ids}
+
     def fake_make(task_id, env_type, num_envs, seed, **kwargs):
         made.update(task_id=task_id, env_type=env_type, seed=seed, **kwargs)
-        pool = CartPoleVectorEnv(num_envs=num_envs, **kwargs)
-        pool.reset(seed=seed)
-        return types.SimpleNamespace(
-            observation_space=pool.single_observation_space,
-            action_space=pool.single_action_space,
-            reset=lambda: pool.reset(),
-            step=pool.step,
-        )
+        made["pool"] = FakePool(num_envs, seed, kwargs.get("max_episode_steps"))
+        return made["pool"]
 
     fake = types.SimpleNamespace(make=fake_make, list_all_envs=lambda: ["CartPole-v1"])
     monkeypatch.setitem(sys.modules, "envpool", fake)
@@ -405,6 +436,10 @@ def test_envpool_backend(monkeypatch):
     with pytest.warns(RuntimeWarning, match="common random numbers"):
         result = evaluate(policy, env, episodes=4)
     assert result.episodes == 4 and (result.lengths <= 50).all()
+    # Only sub-envs inside an episode step (by env_id), and explicit resets replace autoresets.
+    assert made["pool"].stepped == result.lengths.sum() and made["pool"].autoresets == 0
+    pooled = evaluate(policy, make_vec_env("CartPole-v1", 3, backend="envpool", seed=3), episodes=7)
+    assert pooled.episodes == 7 and made["pool"].stepped == pooled.lengths.sum()
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
