@@ -99,21 +99,23 @@ static inline __attribute__((always_inline)) void member_row(
   }
 }
 
-/* Rows i*k .. i*k+k-1 belong to member i, whose A (r x m), B (r x n) and e (m) start at
-   off[i] + pa, + pb, + pe (pe < 0: no e). Members are split into contiguous blocks per thread,
-   the same rows each thread's share of the following GEMM is likely to touch. */
+/* Rows g*k .. g*k+k-1 belong to member i = map[g] (map NULL: i = g), whose A (r x m), B (r x n)
+   and e (m) start at off[i] + pa, + pb, + pe (pe < 0: no e). Groups are split into contiguous
+   blocks per thread, the same rows each thread's share of the following GEMM is likely to touch. */
 void eggroll_lowrank_rows(const float* restrict x, const uint16_t* restrict table,
                           const int64_t* restrict off, const float* restrict ca,
                           const float* restrict ce, const float* restrict bias,
-                          float* restrict y, int64_t members, int64_t k, int64_t n, int64_t m,
-                          int64_t r, int64_t pa, int64_t pb, int64_t pe, int nthreads) {
+                          float* restrict y, int64_t groups, const int64_t* restrict map,
+                          int64_t k, int64_t n, int64_t m, int64_t r, int64_t pa, int64_t pb,
+                          int64_t pe, int nthreads) {
   #pragma omp parallel for schedule(static) num_threads(nthreads) \
-      if (nthreads > 1 && members * k * r * (n + m) > 32768)
-  for (int64_t i = 0; i < members; ++i) {
+      if (nthreads > 1 && groups * k * r * (n + m) > 32768)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t i = map ? map[g] : g;
     const uint16_t* w = table + off[i];
 #ifdef W
-    if (i + 2 < members) {  /* the table windows are random: start the next fetches early */
-      const uint16_t* nw = table + off[i + 2];
+    if (g + 2 < groups) {  /* the table windows are random: start the next fetches early */
+      const uint16_t* nw = table + off[map ? map[g + 2] : g + 2];
       for (int64_t j = 0; j < n * r; j += 32) _mm_prefetch((const char*)(nw + pb + j), _MM_HINT_T0);
       for (int64_t j = 0; j < m * r; j += 32) _mm_prefetch((const char*)(nw + pa + j), _MM_HINT_T0);
       if (pe >= 0)
@@ -122,7 +124,7 @@ void eggroll_lowrank_rows(const float* restrict x, const uint16_t* restrict tabl
 #endif
     const uint16_t* e = pe >= 0 ? w + pe : NULL;
     const float cei = pe >= 0 ? ce[i] : 0.f;
-    for (int64_t row = i * k; row < (i + 1) * k; ++row) {
+    for (int64_t row = g * k; row < (g + 1) * k; ++row) {
       /* A literal rank 1 lets the compiler drop the factor loops on the common path. */
       if (r == 1)
         member_row(x + row * n, w + pa, w + pb, e, cei, ca[i], bias, y + row * m, n, m, 1);
@@ -347,13 +349,13 @@ static void activate(float* y, int64_t ld, int rows, int64_t m_pad, int64_t act)
     }
 }
 
-/* out (rows, m_last) = the MLP of every row, rows i*k .. i*k+k-1 played by member i (k = rows /
-   members). x is read with strides (rs, cs). With `actions`, also write each row's first argmax +
+/* out (rows, m_last) = the MLP of every row, rows g*k .. g*k+k-1 played by member map[g] (map
+   NULL: member g; k = rows / groups). x is read with strides (rs, cs). With `actions`, also write each row's first argmax +
    action_start there; `out` may then be NULL. */
-void eggroll_mlp_forward(const eggroll_mlp* p, const float* x, int64_t rows, int64_t members,
-                         int64_t rs, int64_t cs, float* out, int64_t* actions,
+void eggroll_mlp_forward(const eggroll_mlp* p, const float* x, int64_t rows, int64_t groups,
+                         const int64_t* map, int64_t rs, int64_t cs, float* out, int64_t* actions,
                          int64_t action_start, int nthreads) {
-  const int64_t k = rows / members, ld = p->ld, tiles = (rows + TILE - 1) / TILE;
+  const int64_t k = rows / groups, ld = p->ld, tiles = (rows + TILE - 1) / TILE;
   const eggroll_layer* last = p->layers + p->nlayers - 1;
   int64_t work = 0;
   for (int64_t l = 0; l < p->nlayers; ++l) work += p->layers[l].n * p->layers[l].m_pad;
@@ -368,8 +370,9 @@ void eggroll_mlp_forward(const eggroll_mlp* p, const float* x, int64_t rows, int
       float* y = buf + TILE * ld;
       if (p->table && r0 + TILE < rows) { /* the next tile's members' windows are random reads */
         int64_t end = r0 + 2 * TILE < rows ? r0 + 2 * TILE : rows;
-        for (int64_t i = (r0 + TILE) / k; i <= (end - 1) / k; ++i)
-          for (int64_t j = 0; j < p->window; j += 32) __builtin_prefetch(p->table + p->off[i] + j);
+        for (int64_t g = (r0 + TILE) / k; g <= (end - 1) / k; ++g)
+          for (int64_t j = 0; j < p->window; j += 32)
+            __builtin_prefetch(p->table + p->off[map ? map[g] : g] + j);
       }
       for (int r = 0; r < t; ++r) {
         const float* xr = x + (r0 + r) * rs;
@@ -386,7 +389,7 @@ void eggroll_mlp_forward(const eggroll_mlp* p, const float* x, int64_t rows, int
         const eggroll_layer* L = p->layers + l;
         for (int r = 0; r < t; ++r) {
           float* yr = y + r * ld;
-          const int64_t i = (r0 + r) / k;
+          const int64_t i = map ? map[(r0 + r) / k] : (r0 + r) / k;
           if (p->table && (L->pa >= 0 || L->pe >= 0)) {
             const uint16_t* w = p->table + p->off[i];
             const uint16_t* a = w + (L->pa >= 0 ? L->pa : 0);

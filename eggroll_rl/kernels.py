@@ -221,9 +221,9 @@ def _library(variants: tuple[tuple[str, ...], ...] = _NATIVE) -> ctypes.CDLL | N
         log.info("EGGROLL CPU kernel unavailable (%s): using the PyTorch-ops path", exc)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.eggroll_lowrank_rows.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_int]
+    lib.eggroll_lowrank_rows.argtypes = [p] * 7 + [i64, p] + [i64] * 7 + [ctypes.c_int]
     lib.eggroll_lowrank_rows.restype = None
-    lib.eggroll_mlp_forward.argtypes = [p, p] + [i64] * 4 + [p, p, i64, ctypes.c_int]
+    lib.eggroll_mlp_forward.argtypes = [p, p, i64, i64, p, i64, i64, p, p, i64, ctypes.c_int]
     lib.eggroll_mlp_forward.restype = None
     lib.eggroll_tanh.argtypes = [p, p, i64]
     lib.eggroll_tanh.restype = None
@@ -238,6 +238,29 @@ def _require_library() -> ctypes.CDLL:
     if lib is None:
         raise RuntimeError("the EGGROLL CPU kernel is not available in this process")
     return lib
+
+
+def _member_map(members: torch.Tensor | None, count: int, rows: int, fn: str) -> int:
+    """Check a rows -> member map (int64, values in [0, count)); return the row groups it makes.
+
+    Without a map every member owns ``rows / count`` consecutive rows. The C code indexes the
+    member tables with it, so anything out of range is refused here.
+    """
+    if members is None:
+        groups = count
+    else:
+        if not (members.dtype == torch.int64 and members.dim() == 1 and members.is_contiguous()):
+            raise ValueError(f"{fn}: members must be a contiguous 1-D int64 tensor")
+        groups = members.numel()
+        if groups:
+            lo, hi = torch.aminmax(members)
+            if int(lo) < 0 or int(hi) >= count:
+                raise ValueError(f"{fn}: members must lie in [0, {count}), got [{int(lo)}, {int(hi)}]")
+    if (groups == 0 and rows != 0) or (groups and rows % groups):
+        raise ValueError(
+            f"{fn}: x must have a multiple of {groups} rows (one block per member map entry), got {rows}"
+        )
+    return groups
 
 
 def available() -> bool:
@@ -338,20 +361,21 @@ class LowRankRows:
         self.table, self.bias, self.n, self.m = table, bias, n, m
         self._args = (rank, pos_a, pos_b, pos_e)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write the rows into ``out`` and return it; rows ``i*k .. i*k+k-1`` are member ``i``'s."""
+    def __call__(
+        self, x: torch.Tensor, out: torch.Tensor, members: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Write the rows into ``out`` and return it (rows ``g*k .. g*k+k-1``: member ``members[g]``)."""
         fn = "lowrank_rows"
         _check_tensor(fn, "x", x, torch.float32, (None, self.n))
         rows = x.shape[0]
         _check_tensor(fn, "out", out, torch.float32, (rows, self.m))
-        if rows % self.members:
-            raise ValueError(
-                f"{fn}: x must have a multiple of len(offsets) = {self.members} rows, got {rows}"
-            )
+        groups = _member_map(members, self.members, rows, fn)
+        if rows == 0:
+            return out
         self._fn(
             x.data_ptr(), self.table.data_ptr(), self.offsets.data_ptr(), self.coef_a.data_ptr(),
             self.coef_e.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
-            self.members, rows // self.members, self.n, self.m, *self._args, torch.get_num_threads(),
+            groups, _addr(members), rows // groups, self.n, self.m, *self._args, torch.get_num_threads(),
         )  # fmt: skip
         return out
 
@@ -368,11 +392,14 @@ def lowrank_rows(
     pos_a: int,
     pos_b: int,
     pos_e: int,
+    members: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``bias + coef_e[i] e_i + coef_a[i] (x_row B_i) A_i^T`` into ``out`` for every row.
 
-    ``x`` is ``(N * k, n)`` and ``out`` ``(N * k, m)``, float32; rows ``i*k .. i*k+k-1`` belong
-    to member ``i``, whose ``A`` (stored ``(r, m)``), ``B`` (``(r, n)``) and ``e`` (m) start at
+    ``x`` is ``(G * k, n)`` and ``out`` ``(G * k, m)``, float32; rows ``g*k .. g*k+k-1`` belong
+    to member ``i = members[g]`` (``members``: ``(G,)`` int64 in ``[0, N)``; None: ``i = g`` and
+    ``G = N``, the number of ``offsets``). Raises ValueError on other dtypes or shapes. Member
+    ``i``'s ``A`` (stored ``(r, m)``), ``B`` (``(r, n)``) and ``e`` (m) start at
     ``offsets[i] + pos_a``, ``+ pos_b`` and ``+ pos_e`` in the float16 ``table`` (``pos_e < 0``:
     no ``e``). Every argument is checked first (see :class:`LowRankRows`, which checks the member
     data once for repeated calls).
@@ -381,7 +408,8 @@ def lowrank_rows(
     _check_tensor("lowrank_rows", "x", x, torch.float32, (None, None))
     _check_tensor("lowrank_rows", "out", out, torch.float32, (x.shape[0], None))
     n, m = x.shape[1], out.shape[1]
-    return LowRankRows(table, offsets, coef_a, coef_e, bias, n, m, rank, pos_a, pos_b, pos_e)(x, out)
+    rows_of = LowRankRows(table, offsets, coef_a, coef_e, bias, n, m, rank, pos_a, pos_b, pos_e)
+    return rows_of(x, out, members)
 
 
 # -- the fused MLP forward ------------------------------------------------------------------------
@@ -595,28 +623,29 @@ class MLPKernel:
         out: torch.Tensor | None = None,
         actions: torch.Tensor | None = None,
         action_start: int = 0,
+        members: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return the outputs ``(rows, out_dim)`` for ``x`` ``(rows, in_dim)`` (any strides).
 
-        With members, rows ``i*k .. i*k+k-1`` go to member ``i``. With ``actions`` (int64,
+        With noise, rows ``g*k .. g*k+k-1`` go to member ``members[g]`` (``members``: ``(G,)``
+        int64 in ``[0, N)``, ``k = rows / G``; None: member ``g``, ``G = N``). With ``actions`` (int64,
         ``(rows,)``), each row's first argmax plus ``action_start`` is written there too, and
         ``out`` is only written if given.
         """
         rows = x.shape[0]
-        members = self.members or max(rows, 1)
         if x.dtype != torch.float32:
             raise TypeError(f"population input must be float32 like the model, got {x.dtype}")
         if not (
-            x.dim() == 2
-            and x.shape[1] == self.in_dim
-            and x.device.type == "cpu"
-            and rows % members == 0
-            and min(x.stride()) >= 0
+            x.dim() == 2 and x.shape[1] == self.in_dim and x.device.type == "cpu" and min(x.stride()) >= 0
         ):
             raise ValueError(
-                f"MLPKernel input must be a CPU (rows, {self.in_dim}) tensor with rows a multiple "
-                f"of {members}, got shape {tuple(x.shape)} on {x.device}"
+                f"MLPKernel input must be a CPU (rows, {self.in_dim}) tensor, "
+                f"got shape {tuple(x.shape)} on {x.device}"
             )
+        if self.members is None:
+            members, groups = None, max(rows, 1)  # no noise: every row is the center
+        else:
+            groups = _member_map(members, self.members, rows, "MLPKernel")
         if actions is None and out is None:
             out = x.new_empty(rows, self.out_dim)
         if out is not None:
@@ -624,10 +653,12 @@ class MLPKernel:
         if actions is not None:
             _check_tensor("MLPKernel", "actions", actions, torch.int64, (rows,))
         _check_int("MLPKernel", "action_start", action_start, None)
+        if rows == 0:
+            return out if out is not None else actions
         rs, cs = x.stride()
         self._fn(
-            self._plan_ref, x.data_ptr(), rows, members, rs, cs, _addr(out), _addr(actions),
-            action_start, torch.get_num_threads(),
+            self._plan_ref, x.data_ptr(), rows, groups, _addr(members), rs, cs, _addr(out),
+            _addr(actions), action_start, torch.get_num_threads(),
         )  # fmt: skip
         return out if out is not None else actions
 

@@ -2,9 +2,11 @@
 
 A batched fitness receives a :class:`Population` once per generation. Calling the population with
 inputs shaped ``(len(pop), ..., in)`` runs member ``i``'s perturbed model on row ``i`` of the batch
-in one forward pass; a rollout calls it once per environment step. ``population.argmax(x)``
-returns each row's argmax over the outputs instead (Discrete actions); where the whole model runs
-in the fused CPU kernel the argmax is computed there, without materialising the outputs.
+in one forward pass; a rollout calls it once per environment step. ``population(x, members=idx)``
+runs member ``idx[j]`` on row ``j`` instead, for any mix of members (a rollout whose batch holds
+only the episodes still running). ``population.argmax(x)`` returns each row's argmax over the
+outputs instead (Discrete actions); where the whole model runs in the fused CPU kernel the argmax
+is computed there, without materialising the outputs.
 """
 
 from __future__ import annotations
@@ -88,22 +90,46 @@ class Population:
     def __len__(self) -> int:
         return self._len
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != self._len:
-            raise ValueError(
-                f"population input must have one row per member: expected leading dimension "
-                f"{self._len}, got shape {tuple(x.shape)}"
-            )
+    def __call__(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """Run member ``members[j]`` on row ``j`` of ``x`` (``(R, ..., in)``); return ``(R, ..., out)``.
+
+        ``members`` is an int64 ``(R,)`` tensor of local member indices in ``[0, len(self))``,
+        repeats allowed, on the population's device; None means row ``i`` -> member ``i`` (then
+        ``R == len(self)``). Raises ValueError on a shape or index outside that.
+        """
+        members = self._check_members(x, members)
         if not torch.is_grad_enabled():  # a rollout's loop already runs without autograd
-            return self._forward(x)
+            return self._forward(x, members)
         with torch.no_grad():
-            return self._forward(x)
+            return self._forward(x, members)
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+    def argmax(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
         """Return each row's first argmax over the outputs (int64, ``x.shape[:-1]``)."""
-        return self(x).argmax(-1)
+        return self(x, members).argmax(-1)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_members(self, x: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor | None:
+        """Validate a rows -> member map against ``x``; return it (None: row i is member i)."""
+        if members is None:
+            if x.shape[0] != self._len:
+                raise ValueError(
+                    f"population input must have one row per member: expected leading dimension "
+                    f"{self._len}, got shape {tuple(x.shape)}"
+                )
+            return None
+        if members.dtype != torch.int64 or members.dim() != 1 or members.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"members must be an int64 tensor of shape ({x.shape[0]},) (one member index per "
+                f"row), got {members.dtype} {tuple(members.shape)}"
+            )
+        if members.numel():
+            lo, hi = torch.aminmax(members)
+            if int(lo) < 0 or int(hi) >= self._len:
+                raise ValueError(
+                    f"members must lie in [0, {self._len}), got values in [{int(lo)}, {int(hi)}]"
+                )
+        return members.contiguous()
+
+    def _forward(self, x: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -112,7 +138,11 @@ class Population:
 
 
 class FullRankPopulation(Population):
-    """Members with dense perturbations, run with ``vmap`` over ``functional_call``."""
+    """Members with dense perturbations, run with ``vmap`` over ``functional_call``.
+
+    With a rows -> member map the rows' parameters are gathered first (one dense copy per row:
+    full-rank members are dense matrices already).
+    """
 
     def __init__(
         self,
@@ -131,8 +161,13 @@ class FullRankPopulation(Population):
 
         self._batched = torch.func.vmap(one)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._batched(self.params, x)
+    def _forward(self, x: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
+        if members is None:
+            return self._batched(self.params, x)
+        if not members.numel():
+            one = self._batched({k: v[:1] for k, v in self.params.items()}, x.new_zeros(1, *x.shape[1:]))
+            return one[:0]
+        return self._batched({k: v.index_select(0, members) for k, v in self.params.items()}, x)
 
 
 def check_lowrank_model(model: nn.Module) -> None:
@@ -160,7 +195,8 @@ class LowRankPopulation(Population):
     dtypes, no compiler) it runs in PyTorch ops, and
     everything per member is prepared once per generation so that each forward only reads it:
     ``B`` as ``(N, r, n)`` rows, ``A`` signed and scaled by ``sign_i sigma / sqrt(r)`` as
-    ``(N, r, m)``, and the member biases ``b + sign_i sigma e_i`` as one ``(N, m)`` matrix.
+    ``(N, r, m)``, and the member biases ``b + sign_i sigma e_i`` as one ``(N, m)`` matrix; a
+    rows -> member map gathers those rows (``index_select``) and never forms a weight matrix.
     """
 
     def __init__(
@@ -183,6 +219,7 @@ class LowRankPopulation(Population):
             return t if identity else t.index_select(0, draw)
 
         self._forwards: list[tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]] = []
+        select = self._select = _RowMembers()
         bias_coef = (sign * p.sigma).unsqueeze(1)
         scale = (sign * (p.sigma / math.sqrt(p.rank))).view(-1, 1, 1)
 
@@ -198,7 +235,8 @@ class LowRankPopulation(Population):
             if type(mod) is nn.Linear:
                 name = param_names.get(mod.weight)
                 if kernel is not None and name in p.lowrank:
-                    fwd = _kernel_linear(mod, kernel, p.rank, _noise_positions(p, mod, param_names))
+                    where = _noise_positions(p, mod, param_names)
+                    fwd = _kernel_linear(mod, kernel, p.rank, where, select)
                     self._forwards.append((mod.__dict__, fwd))
                     continue
                 factors = None
@@ -212,33 +250,48 @@ class LowRankPopulation(Population):
                     # was measured slower per forward than one copy per generation.
                     b_t = rows(b).transpose(1, 2).contiguous()
                     factors = (a_t, b_t)
-                fwd = _linear(mod.weight, member_vector(mod.bias), factors)
+                fwd = _linear(mod.weight, member_vector(mod.bias), factors, select)
                 self._forwards.append((mod.__dict__, fwd))
             elif type(mod) is nn.LayerNorm and mod.elementwise_affine:
-                fwd = _layer_norm(mod, member_vector(mod.weight), member_vector(mod.bias))
+                fwd = _layer_norm(mod, member_vector(mod.weight), member_vector(mod.bias), select)
                 self._forwards.append((mod.__dict__, fwd))
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+    def argmax(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
         """Return each row's first argmax over the outputs (int64, ``x.shape[:-1]``)."""
-        if self._mlp is None or x.shape[0] != self._len:
-            return super().argmax(x)
+        if self._mlp is None:
+            return super().argmax(x, members)
+        members = self._check_members(x, members)
         actions = torch.empty(x.shape[:-1], dtype=torch.int64)
-        self._mlp(x.reshape(-1, x.shape[-1]), actions=actions.view(-1))
+        self._mlp(x.reshape(-1, x.shape[-1]), actions=actions.view(-1), members=members)
         return actions
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
         if self._mlp is not None:
-            out = self._mlp(x.reshape(-1, x.shape[-1]))
+            out = self._mlp(x.reshape(-1, x.shape[-1]), members=members)
             return out.view(*x.shape[:-1], out.shape[1])
         # Instance attributes shadow the class's forward; writing the instance dicts directly skips
         # nn.Module.__setattr__/__delattr__ (a few microseconds per module per call).
         for attrs, fwd in self._forwards:
             attrs["forward"] = fwd
+        self._select.members = members
         try:
             return self.model(x)
         finally:
+            self._select.members = None
             for attrs, _ in self._forwards:
                 attrs.pop("forward", None)
+
+
+class _RowMembers:
+    """The rows -> member map of the forward in progress, read by the layer-wise forwards."""
+
+    members: torch.Tensor | None = None
+
+    def rows(self, t: torch.Tensor | None, per_member: bool = True) -> torch.Tensor | None:
+        """Return ``t``'s rows for the current map (``t`` unchanged without map or per-member rows)."""
+        if t is None or self.members is None or not per_member:
+            return t
+        return t.index_select(0, self.members)
 
 
 def _kernel_inputs(
@@ -314,7 +367,11 @@ def _fused_mlp(
 
 
 def _kernel_linear(
-    mod: nn.Linear, kernel: tuple[torch.Tensor, ...], rank: int, where: tuple[int, ...]
+    mod: nn.Linear,
+    kernel: tuple[torch.Tensor, ...],
+    rank: int,
+    where: tuple[int, ...],
+    select: _RowMembers,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Build the batched forward of one Linear layer on the compiled CPU kernel.
 
@@ -337,7 +394,7 @@ def _kernel_linear(
         flat = x.dim() == 2 and x.is_contiguous()
         rows = x if flat else x.reshape(-1, x.shape[-1]).contiguous()
         y = rows.new_empty(rows.shape[0], out_features)
-        rows_of(rows, y)
+        rows_of(rows, y, select.members)
         y.addmm_(rows, w_t)
         return y if flat else y.view(*x.shape[:-1], out_features)
 
@@ -348,67 +405,71 @@ def _linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     factors: tuple[torch.Tensor, torch.Tensor] | None,
+    select: _RowMembers,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Build the batched forward of one Linear layer: shared GEMM plus per-member low-rank term.
 
     ``bias`` is ``(m,)`` (shared) or ``(N, m)`` (one per member); ``factors`` are the signed,
-    scaled ``A`` as ``(N, r, m)`` and ``B`` as ``(N, r, n)``. The per-member part
+    scaled ``A`` as ``(N, r, m)`` and ``B`` as ``(N, r, n)``; with a rows -> member map
+    (``select``) the rows of those are gathered per call. The per-member part
     ``bias_i + s_i A_i^T`` (with ``s_i = B_i x_i``) is formed first and the shared GEMM is
     accumulated into it in place (``addmm_``), so the output is written once, there is no
     separate copy of the bias into it, and no second pass over it for the low-rank term.
     """
     w_t = weight.T
     out_features = weight.shape[0]
-    bias3 = bias.unsqueeze(1) if bias is not None and bias.dim() == 2 else bias
+    member_bias = bias is not None and bias.dim() == 2
     if factors is None:
 
         def dense(x: torch.Tensor) -> torch.Tensor:
+            b = select.rows(bias, member_bias)
             if x.dim() == 2:
-                return torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
-            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+                return torch.addmm(b, x, w_t) if b is not None else x @ w_t
+            x3 = x.flatten(1, -2)
             y3 = torch.matmul(x3, w_t)
-            if bias is not None:
-                y3 += bias3
+            if b is not None:
+                y3 += b.unsqueeze(1) if member_bias else b
             return y3.view(*x.shape[:-1], out_features)
 
         return dense
 
-    a_t, b_t = factors
-    rank1 = a_t.shape[1] == 1
-    a_row = a_t.view(a_t.shape[0], -1) if rank1 else None  # (N, m)
-    b_col = b_t.view(b_t.shape[0], -1, 1) if rank1 else None  # (N, n, 1)
-    b_row = b_t.view(b_t.shape[0], -1) if rank1 else None  # (N, n)
+    a_all, b_all = factors
+    rank1 = a_all.shape[1] == 1
     # Narrow inputs: a fused row-wise dot beats a batched GEMM of N (1, n) @ (n, 1) products
     # (n = 64, N = 1024: 13 us vs 24 us on the 2-core reference CPU); wide ones favour bmm.
     small = weight.shape[1] <= 128
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        a_t, b_t, bias_ = select.rows(a_all), select.rows(b_all), select.rows(bias, member_bias)
+        bias3 = bias_.unsqueeze(1) if member_bias else bias_
         if x.dim() == 2:
             if rank1:
                 # s_i = x_i . B_i as a batched (1, n) @ (n, 1) product, then bias_i + s_i A_i.
-                s = (torch.linalg.vecdot(x, b_row) if small else torch.bmm(x.unsqueeze(1), b_col)).view(n, 1)
-                y = torch.addcmul(bias, s, a_row) if bias is not None else a_row * s
+                a_row, b_row = a_t.flatten(1), b_t.flatten(1)  # (N, m), (N, n)
+                s = (
+                    torch.linalg.vecdot(x, b_row) if small else torch.bmm(x.unsqueeze(1), b_t.transpose(1, 2))
+                ).view(n, 1)
+                y = torch.addcmul(bias_, s, a_row) if bias_ is not None else a_row * s
             else:
-                s = torch.bmm(b_t, x.unsqueeze(2)).view(n, 1, -1)  # (N, r, 1) read as (N, 1, r)
-                y = (torch.baddbmm(bias3, s, a_t) if bias is not None else torch.bmm(s, a_t)).view(n, -1)
+                s = torch.bmm(b_t, x.unsqueeze(2)).transpose(1, 2)  # (N, r, 1) read as (N, 1, r)
+                y = (torch.baddbmm(bias3, s, a_t) if bias_ is not None else torch.bmm(s, a_t)).flatten(1)
             return y.addmm_(x, w_t)
-        x3 = x.reshape(n, -1, x.shape[-1])
+        x3 = x.flatten(1, -2)  # (N, k, n)
         k = x3.shape[1]
         s = torch.bmm(x3, b_t.transpose(1, 2))  # (N, k, r)
         if rank1:
-            a3 = a_row.unsqueeze(1)
-            y3 = torch.addcmul(bias3, s, a3) if bias is not None else s * a3
+            y3 = torch.addcmul(bias3, s, a_t) if bias_ is not None else s * a_t  # a_t: (N, 1, m)
         else:
-            y3 = torch.baddbmm(bias3, s, a_t) if bias is not None else torch.bmm(s, a_t)
-        y3.view(n * k, out_features).addmm_(x3.reshape(n * k, -1), w_t)
+            y3 = torch.baddbmm(bias3, s, a_t) if bias_ is not None else torch.bmm(s, a_t)
+        y3.view(n * k, out_features).addmm_(x3.flatten(0, 1), w_t)
         return y3.view(*x.shape[:-1], out_features)
 
     return forward
 
 
 def _layer_norm(
-    mod: nn.LayerNorm, weight: torch.Tensor | None, bias: torch.Tensor | None
+    mod: nn.LayerNorm, weight: torch.Tensor | None, bias: torch.Tensor | None, select: _RowMembers
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Build the batched forward of one LayerNorm with per-member affine parameters."""
     shape = tuple(mod.normalized_shape)
@@ -416,6 +477,7 @@ def _layer_norm(
     def member_view(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         if t is None or t.dim() == len(shape):
             return t
+        t = select.rows(t)
         return t.view(t.shape[0], *([1] * (x.dim() - 1 - len(shape))), *shape)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

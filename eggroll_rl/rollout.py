@@ -1,24 +1,37 @@
 """Gymnasium rollouts: vector-env construction, the population rollout fitness, and evaluation.
 
-Every episode loop here is `run_episodes`: all sub-envs step in lockstep, one batched policy
-forward and one `env.step` per step, and returns are counted with an alive mask so they are exact
-under every autoreset mode (NEXT_STEP, SAME_STEP, DISABLED).
+Every episode loop here is `run_episodes`, a work-conserving engine: the owed episodes (member,
+reset seed) are dealt to a pool of env slots (the vector env's sub-envs), a slot takes the next
+owed episode as soon as its own ends, and each iteration forwards only the rows of live episodes
+(``population(x, members=rows)``: any mix of members in one batch) and steps only their sub-envs
+where the backend allows it:
 
-Seeding (common random numbers). `RolloutFitness` lays its sub-envs out member-major: sub-env
-``i * k + j`` plays episode ``j`` of local member ``i`` (``k = episodes_per_member``). At
-generation ``g`` it resets sub-env ``i * k + j`` with seed ``episode_seed(seed, g, j)``, the same
-for every member, so all members (in particular an antithetic pair and a shaping group) start
-their ``j``-th episode from the same state, and the states change every generation. Envs whose
-reset cannot seed sub-envs individually (e.g. envpool) get no such guarantee: they are reset once
-with ``episode_seed(seed, g, 0)`` (envpool: seeded once at construction) and a warning says so.
-`CartPoleVectorEnv` (the native CartPole) only takes one seed for all sub-envs, so its start
-states are set directly to what ``CartPole-v1`` reset with the same seed would give.
-`evaluate` resets sub-env ``i`` with ``derive_seed(1, seed, i)``; its further episodes continue
-that sub-env's random stream (deterministic given ``seed``).
+- `SyncVectorEnv` (the ``sync`` backend, and ``auto`` for envs without a native vector env): its
+  sub-envs are stepped one by one, only those with a live episode;
+- envpool (`EnvpoolVectorEnv`): ``step(actions, env_id)`` steps only the live sub-envs, on
+  envpool's own threads;
+- any other vector env (the native CartPole, ``async``, a user's VectorEnv) steps all
+  its sub-envs at each iteration; sub-envs without an episode repeat their last action and are
+  ignored (cheap where stepping is vectorised or runs on other threads/processes).
+
+Returns are float64 sums of each episode's own rewards, exact under every autoreset mode: a
+sub-env starting a new episode is always reset explicitly with that episode's seed.
+
+Seeding (common random numbers). `RolloutFitness` owes episode ``i * k + j`` for local member
+``i``'s episode ``j`` (``k = episodes_per_member``) and resets it with
+``episode_seed(seed, g, j)`` at generation ``g``, the same for every member, so all members (in
+particular an antithetic pair and a shaping group) start their ``j``-th episode from the same
+state, whichever slot plays it, and the states change every generation. `CartPoleVectorEnv` (the
+native CartPole) only takes one seed for all sub-envs, so its start states are set directly to
+what ``CartPole-v1`` reset with the same seed would give. envpool cannot seed a sub-env at reset
+(seeds are fixed at construction, sub-env ``i`` gets ``seed + i``): there the start states are not
+shared (no common random numbers; a warning says so), but each run is still deterministic.
+`evaluate` resets its episode ``e`` with ``derive_seed(1, seed, e)``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -31,7 +44,7 @@ import numpy as np
 import torch
 from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 from gymnasium.utils import seeding
-from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
 from .population import BatchedFitness, Population
 from .presets import similar_env_ids
@@ -53,9 +66,10 @@ __all__ = [
 BACKENDS = ("auto", "sync", "async", "vector_entry_point", "envpool")
 
 # Seed domains, so training, evaluation and sampling streams never coincide.
-_TRAIN, _EVAL, _SAMPLE, _ACT = 0, 1, 2, 3
+_TRAIN, _EVAL, _SAMPLE, _ACT, _IDLE = 0, 1, 2, 3, 4
 
 EnvLike = str | gym.envs.registration.EnvSpec | VectorEnv | Callable[[int], VectorEnv]
+log = logging.getLogger(__name__)
 
 
 def derive_seed(*keys: int) -> int:
@@ -105,8 +119,9 @@ def make_vec_env(
     `env` is a registered id (including ids the user's code registered, or ``module:Id``), a
     callable ``f(num_envs) -> VectorEnv``, or a VectorEnv (returned as is). Backends: ``auto``
     uses the env's native vector implementation when it has one (CartPole) and otherwise
-    ``SyncVectorEnv``; ``sync``/``async``/``vector_entry_point`` force one; ``envpool`` needs the
-    ``envpool`` extra. `seed` is only used by backends seeded at construction (envpool).
+    ``SyncVectorEnv`` (the choice is logged at INFO); ``sync``/``async``/``vector_entry_point``
+    force one; ``envpool`` needs the ``envpool`` extra. `seed` is only used by backends seeded
+    at construction (envpool).
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {list(BACKENDS)}.")
@@ -133,6 +148,7 @@ def make_vec_env(
         vec = gym.make_vec(spec, num_envs, vectorization_mode="vector_entry_point", **env_kwargs)
         native = vec.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         if mode is None or AutoresetMode(native) == mode:
+            log.info("%s: backend %s -> the env's native vector env", spec.id, backend)
             return vec
         vec.close()
         if backend == "vector_entry_point":
@@ -143,6 +159,9 @@ def make_vec_env(
     elif backend == "vector_entry_point":
         raise ValueError(f"{spec.id} has no native vector implementation; use backend='sync'.")
     vectorization = "async" if backend == "async" else "sync"
+    # auto: SyncVectorEnv, whose sub-envs the engine steps only while they play an episode, and
+    # which seeds every episode (envpool steps faster raw but cannot: see BENCHMARKS.md).
+    log.info("%s: backend %s -> %s", spec.id, backend, vectorization)
     vector_kwargs = {} if mode is None else {"autoreset_mode": mode}
     return gym.make_vec(
         spec, num_envs, vectorization_mode=vectorization, vector_kwargs=vector_kwargs, **env_kwargs
@@ -158,9 +177,11 @@ def _check_num_envs(env: VectorEnv, num_envs: int) -> VectorEnv:
 class EnvpoolVectorEnv(VectorEnv):
     """Adapt an envpool (``env_type="gymnasium"``) pool to the gymnasium VectorEnv API.
 
-    envpool seeds sub-env ``i`` with ``seed + i`` at construction and ignores reset seeds, so
-    sub-envs cannot share start states (no common random numbers); it autoresets on the step after
-    an episode ends (NEXT_STEP).
+    envpool seeds sub-env ``i`` with ``seed + i`` at construction and ignores reset seeds
+    (envpool 1.2.5 warns that ``reset(seed=...)`` is ignored), so sub-envs cannot share start
+    states (no common random numbers); each sub-env's episodes follow its own seeded stream, so a
+    run is still deterministic. It autoresets on the step after an episode ends (NEXT_STEP);
+    ``reset(options={"reset_mask": m})`` resets just those sub-envs (envpool's ``env_id``).
     """
 
     metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -168,6 +189,7 @@ class EnvpoolVectorEnv(VectorEnv):
 
     def __init__(self, pool: Any, num_envs: int) -> None:
         self._pool = pool
+        self._obs: Any = None
         self.num_envs = num_envs
         self.single_observation_space = pool.observation_space
         self.single_action_space = pool.action_space
@@ -175,12 +197,21 @@ class EnvpoolVectorEnv(VectorEnv):
         self.action_space = gym.vector.utils.batch_space(pool.action_space, num_envs)
 
     def reset(self, *, seed: Any = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
-        """Reset every sub-env (seeds are fixed at construction)."""
-        return self._pool.reset()
+        """Reset every sub-env, or those of ``options["reset_mask"]`` (seeds are fixed at construction)."""
+        mask = (options or {}).get("reset_mask")
+        if mask is None or self._obs is None:
+            self._obs, info = self._pool.reset()
+            return self._obs, info
+        obs, info = self._pool.reset(np.flatnonzero(mask))
+        self._obs = np.array(self._obs, copy=True)
+        self._obs[mask] = obs
+        return self._obs, info
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
         """Step every sub-env."""
-        return self._pool.step(actions)
+        obs, *rest = self._pool.step(actions)
+        self._obs = obs
+        return (obs, *rest)
 
     def close(self, **kwargs: Any) -> None:
         """Close the pool."""
@@ -249,114 +280,247 @@ def _reset_cartpole(env: CartPoleVectorEnv, seeds: list[int]) -> np.ndarray:
     return env.state.T.astype(np.float32)
 
 
-# -- the episode loop -----------------------------------------------------------------------------
+# -- the episode engine ---------------------------------------------------------------------------
 
 
 @dataclass
 class EpisodeBatch:
-    """Per-episode results of `run_episodes`: row ``i`` holds sub-env ``i``'s episodes."""
+    """Per-episode results of `run_episodes`: entry ``e`` is owed episode ``e``."""
 
-    returns: np.ndarray  # (num_envs, max quota) float64; unused slots are 0
-    lengths: np.ndarray  # (num_envs, max quota) int64
-    env_steps: int  # counted steps (sub-envs inside an episode they are accounting for)
+    returns: np.ndarray  # (episodes,) float64 undiscounted returns
+    lengths: np.ndarray  # (episodes,) int64
+    env_steps: int  # counted steps (inside an owed episode)
     seconds: float
     observations: torch.Tensor | None  # sampled preprocessed observations, (count, obs_dim)
-    steps: int = 0  # lockstep iterations (vector-env steps)
+    steps: int = 0  # engine iterations (one batched forward each)
+    stepped: int = 0  # sub-env steps the backend ran, idle sub-envs included
+
+
+class _SubEnvs:
+    """Drive a `SyncVectorEnv`'s sub-envs one by one: only those with a live episode are stepped.
+
+    The sub-envs are plain `gym.Env`s (no vector autoreset), so every episode starts with an
+    explicit ``reset(seed=...)`` and the vector env's autoreset mode plays no part.
+    """
+
+    def __init__(self, env: SyncVectorEnv) -> None:
+        self.envs = env.envs
+        self.obs = gym.vector.utils.create_empty_array(env.single_observation_space, len(self.envs))
+
+    def reset(self, slots: np.ndarray, seeds: list[int | None]) -> None:
+        for s, seed in zip(slots.tolist(), seeds, strict=True):
+            if seed is not None:  # a slot with no episode left is simply no longer stepped
+                self.obs[s] = self.envs[s].reset(seed=seed)[0]
+
+    def step(self, live: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        n = live.size
+        reward, terminated, truncated = np.empty(n), np.empty(n, bool), np.empty(n, bool)
+        envs, obs = self.envs, self.obs
+        for j, s in enumerate(live.tolist()):
+            obs[s], reward[j], terminated[j], truncated[j], _ = envs[s].step(actions[j])
+        return reward, terminated, truncated
+
+
+class _Lockstep:
+    """Drive any `VectorEnv` through its batched API: every sub-env steps at every iteration.
+
+    Sub-envs without a live episode repeat their last action and are ignored. A sub-env that
+    starts a new episode is reset explicitly with that episode's seed (``reset_mask``), which also
+    cancels a pending NEXT_STEP autoreset, so returns are exact under every autoreset mode; under
+    DISABLED every finished sub-env is reset, owed episode or not.
+    """
+
+    def __init__(self, env: VectorEnv) -> None:
+        self.env = env
+        mode = AutoresetMode(env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP))
+        self.disabled = mode is AutoresetMode.DISABLED
+        self.cartpole = env is env.unwrapped and type(env) is CartPoleVectorEnv
+        self.obs: Any = None
+        self.actions: np.ndarray | None = None
+
+    def start(self, seeds: list[int]) -> None:
+        self.obs = np.array(reset_with_seeds(self.env, seeds), copy=True)
+
+    def reset(self, slots: np.ndarray, seeds: list[int | None]) -> None:
+        if not self.disabled:  # idle sub-envs autoreset themselves; only new episodes need seeds
+            keep = [i for i, s in enumerate(seeds) if s is not None]
+            slots, seeds = slots[keep], [seeds[i] for i in keep]
+        if not slots.size:
+            return
+        if self.cartpole:
+            _reset_cartpole_slots(self.env, slots, seeds)
+            self.obs[slots] = self.env.state[:, slots].T
+            return
+        n = self.env.num_envs
+        mask = np.zeros(n, dtype=bool)
+        mask[slots] = True
+        full: list[int | None] = [None] * n
+        for s, seed in zip(slots.tolist(), seeds, strict=True):
+            full[s] = seed
+        obs = self.env.reset(seed=full, options={"reset_mask": mask})[0]
+        self.obs[mask] = obs[mask]
+
+    def step(self, live: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self.actions is None:  # sub-envs without an episode repeat a valid action
+            self.actions = np.repeat(np.asarray(actions)[:1], self.env.num_envs, axis=0)
+        self.actions[live] = actions
+        obs, reward, terminated, truncated, _ = self.env.step(self.actions)
+        self.obs = np.array(obs, copy=True)
+        terminated, truncated = np.asarray(terminated), np.asarray(truncated)
+        if self.disabled:  # an idle sub-env whose episode ended cannot step again unless reset
+            idle = np.ones(self.env.num_envs, dtype=bool)
+            idle[live] = False
+            ended = np.flatnonzero(idle & (terminated | truncated))
+            if ended.size:
+                self.reset(ended, [None] * ended.size)
+        return np.asarray(reward, dtype=np.float64)[live], terminated[live], truncated[live]
+
+
+class _EnvpoolSubset:
+    """Drive an envpool pool by ``env_id``: only sub-envs with a live episode step (on its threads).
+
+    envpool steps a subset synchronously with ``step(actions, env_id)`` and resets one with
+    ``reset(env_id)``, which also cancels its pending autoreset. Reset seeds are ignored (fixed at
+    construction), so start states are not shared between members.
+    """
+
+    def __init__(self, env: EnvpoolVectorEnv) -> None:
+        self.env, self.pool = env, env._pool
+        self.obs: Any = None
+
+    def start(self, seeds: list[int]) -> None:
+        self.obs = np.array(reset_with_seeds(self.env, seeds), copy=True)
+
+    def reset(self, slots: np.ndarray, seeds: list[int | None]) -> None:
+        ids = np.array([s for s, seed in zip(slots.tolist(), seeds, strict=True) if seed is not None])
+        if ids.size:
+            obs, info = self.pool.reset(ids)
+            self.obs[np.asarray(info.get("env_id", ids))] = obs
+
+    def step(self, live: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        obs, reward, terminated, truncated, info = self.pool.step(np.asarray(actions), live)
+        ids = np.asarray(info["env_id"])
+        self.obs[ids] = obs
+        pos = np.searchsorted(live, ids)  # results in the order of `live` (sorted)
+        out = np.empty(live.size), np.empty(live.size, bool), np.empty(live.size, bool)
+        out[0][pos], out[1][pos], out[2][pos] = reward, terminated, truncated
+        return out
+
+
+def _reset_cartpole_slots(env: CartPoleVectorEnv, slots: np.ndarray, seeds: list[int | None]) -> None:
+    """Reset some sub-envs of the native CartPole to CartPole-v1's ``reset(seed)`` start state."""
+    for s, seed in zip(slots.tolist(), seeds, strict=True):
+        rng = seeding.np_random(seed)[0] if seed is not None else env.np_random
+        env.state[:, s] = rng.uniform(env.low, env.high, size=(4,))
+    env.steps[slots] = 0
+    env.prev_done[slots] = False
+
+
+def _driver(env: VectorEnv) -> _SubEnvs | _EnvpoolSubset | _Lockstep:
+    """Pick how `run_episodes` steps `env`: only the live sub-envs where it can (see the module doc)."""
+    if type(env) is EnvpoolVectorEnv:
+        return _EnvpoolSubset(env)
+    if (
+        env is env.unwrapped
+        and type(env) is SyncVectorEnv
+        and isinstance(env.single_observation_space, gym.spaces.Box)
+    ):
+        return _SubEnvs(env)
+    return _Lockstep(env)
 
 
 def run_episodes(
     env: VectorEnv,
     preprocess: Callable[[Any], torch.Tensor],
-    forward: Callable[[torch.Tensor], torch.Tensor],
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     act: Callable[[torch.Tensor], np.ndarray],
-    quota: np.ndarray | int,
+    members: np.ndarray | list[int],
     seeds: np.ndarray | list[int],
     max_episode_steps: int | None = None,
-    record: slice | None = None,
+    record: np.ndarray | slice | None = None,
 ) -> EpisodeBatch:
-    """Play ``quota[i]`` episodes on sub-env ``i`` in lockstep and count exact undiscounted returns.
+    """Play owed episode ``e`` for member ``members[e]`` from ``reset(seed=seeds[e])``; count returns.
 
-    Each step is ``act(forward(preprocess(obs)))`` and one ``env.step``. A sub-env's reward counts
-    only while it is inside an episode it still owes; under NEXT_STEP the autoreset step after an
-    episode is skipped, under DISABLED finished sub-envs are reset with a mask, and `final_info`
-    is never needed. `max_episode_steps` truncates the accounting (a sub-env that still owes
-    episodes then needs DISABLED autoreset or an env with the same time limit). `record` selects
-    sub-envs whose preprocessed observations are returned (for the observation normaliser).
+    The env's sub-envs are a pool of slots: each takes the next owed episode (in order) as soon
+    as its own ends, so the batch stays full until the last episodes. Each iteration runs one
+    ``act(forward(preprocess(obs), member_of_each_row))`` on the live slots only (rows ->
+    member map, int64 tensor) and steps them; a `SyncVectorEnv` steps only those sub-envs, other
+    vector envs step all of theirs (see `_Lockstep`). Returns are float64 sums of the rewards of
+    the episode's own steps, exact under every autoreset mode; `max_episode_steps` ends an
+    episode (truncation) after that many steps. `record` (a slice or boolean mask over episodes)
+    selects the episodes whose preprocessed observations are returned, episode by episode in
+    step order (for the observation normaliser). Raises ValueError if ``members`` and ``seeds``
+    differ in length.
     """
-    n = env.num_envs
-    quota = np.broadcast_to(np.asarray(quota, dtype=np.int64), (n,))
-    mode = AutoresetMode(env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP))
-    disabled = mode is AutoresetMode.DISABLED
-    width = max(int(quota.max()), 1)
-    returns = np.zeros((n, width))
-    lengths = np.zeros((n, width), dtype=np.int64)
-    ret = np.zeros(n)
-    length = np.zeros(n, dtype=np.int64)
-    episode = np.zeros(n, dtype=np.int64)
-    alive = quota > 0
-    n_alive = int(alive.sum())
-    reward = np.empty(n)
-    skip: np.ndarray | None = None  # NEXT_STEP: sub-envs whose next step is an autoreset step
-    cap = math.inf if max_episode_steps is None else int(max_episode_steps)
-    seen: list[tuple[torch.Tensor, np.ndarray]] = []
+    members = np.asarray(members, dtype=np.int64)
+    seeds = [int(s) for s in seeds]
+    count = members.size
+    if len(seeds) != count:
+        raise ValueError(f"run_episodes: {count} members but {len(seeds)} seeds (one per episode).")
+    slots = env.num_envs
+    returns = np.zeros(count)
+    lengths = np.zeros(count, dtype=np.int64)
+    slot_episode = np.full(slots, -1, dtype=np.int64)
+    ret = np.zeros(slots)
+    length = np.zeros(slots, dtype=np.int64)
+    cap = None if max_episode_steps is None else int(max_episode_steps)
+    recorded = np.zeros(count, dtype=bool)
+    if record is not None:
+        recorded[record] = True
+    seen: list[tuple[np.ndarray, torch.Tensor]] = []
     t0 = time.perf_counter()
-    obs = reset_with_seeds(env, seeds)
-    t = 0
-    while n_alive:
-        x = preprocess(obs)
+    driver = _driver(env)
+    started = min(slots, count)
+    slot_episode[:started] = np.arange(started)
+    subset = not isinstance(driver, _Lockstep)  # steps only the live sub-envs
+    if isinstance(driver, _SubEnvs):
+        driver.reset(np.arange(started), seeds[:started])
+    else:
+        # Sub-envs beyond the owed episodes start from seeds no episode uses (they only idle).
+        extra = [derive_seed(_IDLE, s) for s in range(slots - started)]
+        driver.start(seeds[:started] + extra)
+    steps = stepped = 0
+    live = np.arange(started)
+    while live.size:
+        episode = slot_episode[live]
+        x = preprocess(driver.obs[live])
         if record is not None:
-            counted_now = alive if skip is None else alive & ~skip
-            seen.append((x[record].clone(), counted_now[record].copy()))
-        actions = act(forward(x))
-        obs, r, terminated, truncated, _ = env.step(actions)
-        t += 1
-        counted = alive if skip is None else alive & ~skip
-        np.multiply(r, counted, out=reward)
-        ret += reward
-        length += counted
+            keep = recorded[episode]
+            if keep.any():
+                seen.append((episode[keep], x[torch.from_numpy(keep)].clone()))
+        actions = act(forward(x, torch.from_numpy(members[episode])))
+        reward, terminated, truncated = driver.step(live, actions)
+        steps += 1
+        stepped += live.size if subset else slots
+        ret[live] += reward
+        length[live] += 1
         ended = terminated | truncated
-        done = ended & counted
-        if t >= cap:  # cheap guard: no sub-env can reach the cap before step `cap`
-            forced = (length >= cap) & counted & ~done
-            done |= forced
-        else:
-            forced = None
-        skip = None
-        if disabled:
-            # Every finished sub-env is reset, counted or not: stepping it again is invalid here.
-            finished = ended | done
-            if finished.any():
-                obs, _ = env.reset(options={"reset_mask": finished})
-        if not done.any():
+        if cap is not None:
+            ended |= length[live] >= cap
+        if not ended.any():
             continue
-        idx = np.flatnonzero(done)
-        slot = episode[idx]
-        returns[idx, slot] = ret[idx]
-        lengths[idx, slot] = length[idx]
-        ret[idx] = 0.0
-        length[idx] = 0
-        episode[idx] += 1
-        alive[idx] = episode[idx] < quota[idx]
-        n_alive = int(alive.sum())
-        again = idx[alive[idx]]
-        if forced is not None and not disabled and forced[again].any():
-            raise ValueError(
-                "max_episode_steps cut an episode short on a sub-env that owes more episodes; "
-                "build the env with the same time limit or use AutoresetMode.DISABLED."
-            )
-        if mode is AutoresetMode.NEXT_STEP and again.size:
-            skip = np.zeros(n, dtype=bool)
-            skip[again] = True
+        done = live[ended]
+        finished = slot_episode[done]
+        returns[finished] = ret[done]
+        lengths[finished] = length[done]
+        ret[done] = 0.0
+        length[done] = 0
+        new = min(done.size, count - started)
+        slot_episode[done] = -1
+        slot_episode[done[:new]] = np.arange(started, started + new)
+        driver.reset(done, seeds[started : started + new] + [None] * (done.size - new))
+        started += new
+        live = np.flatnonzero(slot_episode >= 0)
     seconds = time.perf_counter() - t0
     observations = None
     if record is not None:
         if seen:
-            xs = torch.stack([s for s, _ in seen])
-            mask = torch.from_numpy(np.stack([m for _, m in seen]))
-            observations = xs[mask]
+            order = np.concatenate([e for e, _ in seen])
+            xs = torch.cat([x for _, x in seen])
+            observations = xs[torch.from_numpy(np.argsort(order, kind="stable"))]
         else:
             observations = torch.zeros(0, 0)
-    return EpisodeBatch(returns, lengths, int(lengths.sum()), seconds, observations, t)
+    return EpisodeBatch(returns, lengths, int(lengths.sum()), seconds, observations, steps, stepped)
 
 
 # -- the rollout fitness ---------------------------------------------------------------------------
@@ -365,11 +529,12 @@ def run_episodes(
 class RolloutFitness(BatchedFitness):
     """Batched fitness: every member plays `episodes_per_member` episodes; fitness = mean return.
 
-    One vector env with ``len(population) * episodes_per_member`` sub-envs is built on the first
-    call and reused. Sub-env ``i * k + j`` plays member ``i``'s episode ``j`` from the start state
-    of seed ``episode_seed(seed, generation, j)`` (shared by all members: see the module doc).
-    With `obs_norm`, the policy's `ObservationNormalizer` is fed a sample of the generation's
-    observations (from ``ceil(obs_norm_fraction * num_envs)`` sub-envs, summed over ranks) and
+    The owed episodes (``len(population) * episodes_per_member``; episode ``i * k + j`` is member
+    ``i``'s ``j``-th) run through `run_episodes` on one vector env of `num_envs` slots (default:
+    one per episode), built on the first call and reused. Every member's ``j``-th episode starts
+    from the seed ``episode_seed(seed, generation, j)`` (see the module doc). With `obs_norm`,
+    the policy's `ObservationNormalizer` is fed a sample of the generation's observations (the
+    episodes of a block of ``ceil(obs_norm_fraction * episodes)``, summed over ranks) and
     refreshed at the start of the next call, so each generation sees one fixed normaliser and
     the trainer's best-member snapshot holds exactly the normaliser that member used.
     """
@@ -394,7 +559,10 @@ class RolloutFitness(BatchedFitness):
         obs_norm_fraction: float = 0.01,
         autoreset_mode: AutoresetMode | str | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
+        num_envs: int | None = None,
     ) -> None:
+        if num_envs is not None and num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1 (env slots), got {num_envs}.")
         if episodes_per_member < 1:
             raise ValueError(f"episodes_per_member must be >= 1, got {episodes_per_member}.")
         if not 0.0 < obs_norm_fraction <= 1.0:
@@ -412,6 +580,7 @@ class RolloutFitness(BatchedFitness):
         self.obs_norm_fraction = float(obs_norm_fraction)
         self.autoreset_mode = autoreset_mode
         self.env_kwargs = dict(env_kwargs or {})
+        self.num_envs = None if num_envs is None else int(num_envs)
         self.env: VectorEnv | None = None
         self.total_env_steps = 0
         self.stats: dict[str, float] = {}
@@ -459,12 +628,14 @@ class RolloutFitness(BatchedFitness):
                 f"got {type(policy).__name__}."
             )
         members, k = len(population), self.episodes_per_member
-        num_envs = members * k
-        env = self._vector_env(num_envs)
+        count = members * k
+        env = self._vector_env(self.num_envs or count)
         norm = getattr(policy, "obs_norm", None) if self.obs_norm else None
         if norm is not None:
             norm.freeze()  # statistics gathered up to the previous generation
         gen = population.generation
+        # Owed episode i * k + j is member i's j-th episode, from the seed all members share.
+        owner = np.repeat(np.arange(members, dtype=np.int64), k)
         seeds = np.tile([episode_seed(self.seed, gen, j) for j in range(k)], members)
         record = self._sample_block(population) if norm is not None else None
         device = population.device
@@ -474,13 +645,10 @@ class RolloutFitness(BatchedFitness):
         # (in the fused CPU kernel, without materialising the outputs).
         offset = getattr(policy, "argmax_offset", None)
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             if not on_cpu:
-                x = x.to(device, non_blocking=True)
-            if k > 1:  # member-major rows: member i plays rows i*k .. i*k+k-1
-                x = x.view(members, k, -1)
-            y = population(x) if offset is None else population.argmax(x)
-            return y.reshape(num_envs, *y.shape[2:]) if k > 1 else y
+                x, rows = x.to(device, non_blocking=True), rows.to(device, non_blocking=True)
+            return population(x, members=rows) if offset is None else population.argmax(x, members=rows)
 
         def act(y: torch.Tensor) -> np.ndarray:
             if offset is None:
@@ -490,15 +658,15 @@ class RolloutFitness(BatchedFitness):
 
         with torch.no_grad():
             batch = run_episodes(
-                env, policy.preprocess, forward, act, 1, seeds, self.max_episode_steps, record
+                env, policy.preprocess, forward, act, owner, seeds, self.max_episode_steps, record
             )
-        returns = batch.returns[:, 0]
+        returns = batch.returns
         fitness = torch.from_numpy(returns.reshape(members, k).mean(axis=1))
 
         # One all-reduce for the episode totals and the normaliser sample, so every rank agrees.
         dim = norm.dim if norm is not None else 0
         totals = torch.zeros(4 + 1 + 2 * dim, dtype=torch.float64)
-        totals[0], totals[1], totals[2] = batch.env_steps, num_envs, float(returns.sum())
+        totals[0], totals[1], totals[2] = batch.env_steps, count, float(returns.sum())
         if norm is not None and batch.observations is not None and batch.observations.numel():
             # Non-finite observations stay out of the statistics; totals[3] counts them.
             totals[3], totals[4:] = norm.sample_stats(batch.observations)
@@ -514,7 +682,7 @@ class RolloutFitness(BatchedFitness):
             "return_mean": float(totals[2]) / episodes,
             "steps_per_second": batch.env_steps / max(batch.seconds, 1e-9),
             "episode_length_max": float(batch.lengths.max()),
-            # Lockstep iterations: every sub-env steps until the slowest episode ends.
+            # Engine iterations: one batched forward each.
             "lockstep_steps": float(batch.steps),
             "rollout_seconds": batch.seconds,
         }
@@ -579,19 +747,16 @@ def evaluate(
 ) -> EvalResult:
     """Play the policy for exactly `episodes` episodes and return their returns and lengths.
 
-    Episodes are spread over `num_envs` sub-envs (default: one each, at most 128 sub-envs) with a
-    fixed quota per sub-env, so short episodes cannot crowd out long ones and bias the mean.
+    Episode ``e`` starts from ``reset(seed=derive_seed(1, seed, e))`` whatever sub-env plays
+    it; `num_envs` sub-envs (default ``min(episodes, 128)``) take the next episode as soon as
+    theirs ends (`run_episodes`), and every episode runs to its end, so short episodes cannot
+    crowd out long ones and bias the mean. Raises ValueError if ``episodes < 1``.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
     if isinstance(env, VectorEnv):
         num_envs = num_envs or env.num_envs
     num_envs = num_envs or min(episodes, 128)
-    # Sub-envs beyond `episodes` (possible with a given VectorEnv) get a quota of 0 and only idle.
-    playing = min(num_envs, episodes)
-    quota = np.zeros(num_envs, dtype=np.int64)
-    quota[:playing] = episodes // playing
-    quota[: episodes % playing] += 1
     owned = not isinstance(env, VectorEnv)
     vec = make_vec_env(
         env,
@@ -601,11 +766,11 @@ def evaluate(
         seed=seed,
         **dict(env_kwargs or {}),
     )
-    seeds = [derive_seed(_EVAL, seed, i) for i in range(num_envs)]
+    seeds = [derive_seed(_EVAL, seed, e) for e in range(episodes)]
     rng = None if deterministic else np.random.default_rng(derive_seed(_ACT, seed))
     device = next(policy.parameters(), torch.empty(0)).device
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return policy(x.to(device))
 
     def act(out: torch.Tensor) -> np.ndarray:
@@ -613,12 +778,13 @@ def evaluate(
 
     try:
         with torch.no_grad():
-            batch = run_episodes(vec, policy.preprocess, forward, act, quota, seeds, max_episode_steps)
+            batch = run_episodes(
+                vec, policy.preprocess, forward, act, np.zeros(episodes, np.int64), seeds, max_episode_steps
+            )
     finally:
         if owned:
             vec.close()
-    played = np.arange(batch.returns.shape[1]) < quota[:, None]
-    returns, lengths = batch.returns[played], batch.lengths[played]
+    returns, lengths = batch.returns, batch.lengths
     nonfinite = int((~np.isfinite(returns)).sum())
     with np.errstate(invalid="ignore"):  # inf - inf: the mean is NaN, said by `nonfinite`
         mean = float(returns.mean())

@@ -19,7 +19,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from eggroll_rl import EGGROLLTrainer, batched_fitness, kernels, make_policy
+from eggroll_rl import EGGROLLTrainer, VanillaESTrainer, batched_fitness, kernels, make_policy
 
 
 @pytest.fixture(autouse=True, params=["kernel", "torch"])
@@ -101,8 +101,34 @@ def _check(kind: str, rank: int, noise_reuse: int, lead: tuple[int, ...], freeze
         torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-5)
     # argmax over the outputs, fused where the kernel runs the whole model
     assert torch.equal(pop.argmax(x), batched.argmax(-1))
+    _check_member_map(pop, lambda i: views(trainer.current_params + perturbations[i]), model, lead, n)
     # the population leaves the model's own forward untouched
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def _check_member_map(pop, params_of, model: nn.Module, lead: tuple[int, ...], n: int) -> None:
+    """``pop(x, members=idx)`` == member ``idx[j]``'s dense model on row ``j``: a random mix with
+    repeats (more rows than members, members missing), a single row, and an empty batch."""
+    buffers = dict(model.named_buffers())
+    gen = torch.Generator().manual_seed(1)
+    for rows in (11, 1, 0):
+        idx = torch.randint(0, n, (rows,), generator=gen)
+        if rows == 11:
+            idx[:3] = torch.tensor([n - 1, 0, n - 1])  # both ends, and a repeat
+        x = torch.randn(rows, *lead, 6, generator=gen)
+        out = pop(x, members=idx)
+        assert out.shape == (rows, *lead, 3)
+        for j, i in enumerate(idx.tolist()):
+            with torch.no_grad():
+                expected = torch.func.functional_call(model, (params_of(i), buffers), (x[j],))
+            torch.testing.assert_close(out[j], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(pop.argmax(x, members=idx), out.argmax(-1))
+    with pytest.raises(ValueError, match=r"members must lie in \[0, 8\)"):
+        pop(torch.randn(2, *lead, 6), members=torch.tensor([0, n]))
+    with pytest.raises(ValueError, match="members must lie"):
+        pop.argmax(torch.randn(1, *lead, 6), members=torch.tensor([-1]))
+    with pytest.raises(ValueError, match="int64 tensor of shape"):
+        pop(torch.randn(3, *lead, 6), members=torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4])
@@ -393,3 +419,15 @@ def test_a_plan_that_omits_parameters_is_not_fused(forward_path, monkeypatch) ->
     expected = _members_one_by_one(trainer, model, perturbations, x)
     torch.testing.assert_close(pop(x), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(pop.argmax(x), expected.argmax(-1)) and calls == []
+
+
+@pytest.mark.parametrize("lead", [(), (5,)], ids=["2d", "3d"])
+def test_full_rank_population_member_map(lead: tuple[int, ...]) -> None:
+    """The dense (vmap) population takes the same rows -> member map."""
+    n = 8
+    model = _model("mlp")
+    trainer = VanillaESTrainer(model, _unused, population_size=n, sigma=0.3, seed=2)
+    perturbations = trainer.sample_perturbations(n)
+    pop = trainer.make_population(perturbations, torch.arange(n))
+    views = trainer._params.views
+    _check_member_map(pop, lambda i: views(trainer.current_params + perturbations[i]), model, lead, n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 
@@ -24,6 +25,7 @@ from eggroll_rl.rollout import (
     evaluate,
     make_vec_env,
     reset_with_seeds,
+    run_episodes,
 )
 
 MODES = [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLED]
@@ -117,7 +119,7 @@ for env_id, entry in (
 
 
 class FakePopulation:
-    """The population contract with a scripted forward: row i is member i."""
+    """The population contract with a scripted ``forward(x, members)``; counts calls and rows."""
 
     def __init__(self, model, forward, members: int, generation: int = 0, indices=None) -> None:
         self.model, self._forward = model, forward
@@ -125,18 +127,23 @@ class FakePopulation:
         self.indices = torch.arange(members) if indices is None else indices
         self.device = torch.device("cpu")
         self.noise_reuse = self.group_size = 0
-        self.calls = 0
+        self.calls = self.rows = 0
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        assert x.shape[0] == len(self)
+    def __call__(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        if members is None:
+            assert x.shape[0] == len(self)
+            members = torch.arange(len(self))
+        assert members.dtype == torch.int64 and members.shape == x.shape[:1]
+        assert ((members >= 0) & (members < len(self))).all()
         self.calls += 1
-        return self._forward(x)
+        self.rows += x.shape[0]
+        return self._forward(x, members)
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x).argmax(-1)
+    def argmax(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        return self(x, members).argmax(-1)
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -146,8 +153,8 @@ def stopper(stops: list[float]):
     """Member i presses 'stop' (action 1) on its stops[i]-th step."""
     stop = torch.tensor(stops, dtype=torch.float32)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        s = stop.view(-1, *([1] * (x.dim() - 2)))
+    def forward(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        s = stop[members].view(-1, *([1] * (x.dim() - 2)))
         go = (x[..., 0] + 1 >= s).float()
         return torch.stack([1 - go, go], dim=-1)
 
@@ -176,7 +183,8 @@ def test_rollout_returns_equal_hand_computed_sums(mode, k):
         lengths = np.array([[min(s, lim) for lim in limits] for s in stops])
         expected = np.array([[triangle(L) for L in row] for row in lengths]).mean(1)
         np.testing.assert_allclose(fitness.numpy(), expected)
-        assert pop.calls == lengths.max()  # one batched forward per lockstep step
+        assert pop.calls == lengths.max()  # one batched forward per engine iteration
+        assert pop.rows == lengths.sum()  # only live episodes are forwarded
         assert fit.stats["env_steps"] == lengths.sum()
         assert fit.stats["episode_length_mean"] == pytest.approx(lengths.mean())
         assert fit.stats["episode_length_max"] == fit.stats["lockstep_steps"] == lengths.max()
@@ -187,6 +195,85 @@ def test_rollout_returns_equal_hand_computed_sums(mode, k):
     assert fit.env is first_env  # built once, reused across generations
     assert fit.stats["total_env_steps"] > fit.stats["env_steps"]
     fit.close()
+
+
+def plain_loop(member_stops, seeds, cap):
+    """Reference: each episode on a fresh single CountEnv, stepped until it ends or hits `cap`."""
+    returns, lengths = [], []
+    for stop, seed in zip(member_stops, seeds, strict=True):
+        env = CountEnv()
+        obs, _ = env.reset(seed=seed)
+        total, t = 0.0, 0
+        while True:
+            obs, r, terminated, truncated, _ = env.step(int(obs[0] + 1 >= stop))
+            total, t = total + r, t + 1
+            if terminated or truncated or t >= cap:
+                break
+        returns.append(total)
+        lengths.append(t)
+    return np.array(returns), np.array(lengths)
+
+
+def count_env(kind: str, slots: int, mode: AutoresetMode):
+    env = make_vec_env("EggrollTest/Count-v0", slots, autoreset_mode=mode)
+    return env if kind == "sub-envs" else gym.vector.VectorWrapper(env)  # the batched-API driver
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("kind", ["sub-envs", "lockstep"])
+@pytest.mark.parametrize("slots", [3, 12, 15])  # a pool refilled as episodes end; one per episode; idle slots
+def test_engine_equals_a_plain_single_env_loop(mode, kind, slots):
+    """Members ending after 1-2 steps and members running to the cap (4) or their env limit."""
+    stops = np.array([1, 2, 100, 2, 100, 3])
+    members = np.array([0, 1, 2, 3, 4, 5, 2, 2, 0, 4, 1, 4])  # any order, repeats
+    seeds = [derive_seed(9, e) for e in range(members.size)]
+    expected = plain_loop(stops[members], seeds, cap=4)
+    rows = []
+
+    def forward(x, who):
+        rows.append(who.clone())
+        return stopper(stops.tolist())(x, who)
+
+    env = count_env(kind, slots, mode)
+    batch = run_episodes(env, torch.as_tensor, forward, lambda y: y.argmax(-1).numpy(), members, seeds, 4)
+    np.testing.assert_array_equal(batch.returns, expected[0])
+    np.testing.assert_array_equal(batch.lengths, expected[1])
+    assert batch.env_steps == expected[1].sum() == sum(r.numel() for r in rows)  # live rows only
+    assert {1, 2, 4} <= set(expected[1].tolist())  # short episodes, env limits and the cap
+    if slots == 15:  # one slot per episode: iterations are the longest episode, as in lockstep
+        assert batch.steps == expected[1].max()
+    if kind == "sub-envs":
+        assert batch.stepped == batch.env_steps  # finished sub-envs are not stepped
+    with pytest.raises(ValueError, match="12 members but 2 seeds"):
+        run_episodes(env, torch.as_tensor, forward, lambda y: y.argmax(-1).numpy(), members, seeds[:2])
+
+
+def test_rollout_fitness_same_returns_on_every_backend_and_pool_size():
+    """A real population on CartPole-v1: the native vector env (lockstep, one slot per episode),
+    SyncVectorEnv stepping live sub-envs only, and a pool of 5 slots give bit-identical fitness
+    (common random numbers on every backend, rows -> member map in the forward)."""
+    env = gym.make("CartPole-v1")
+    torch.manual_seed(1)
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=(8,))
+    fits = {}
+    for name, kw in {
+        "native": {"backend": "vector_entry_point"},
+        "sync": {"backend": "sync"},
+        "pool": {"backend": "sync", "num_envs": 5},
+        "pool-native": {"backend": "vector_entry_point", "num_envs": 7},
+    }.items():
+        fitness = RolloutFitness("CartPole-v1", episodes_per_member=2, seed=5, **kw)
+        # A fresh copy each time: a rollout feeds the policy's observation normaliser.
+        trainer = make_trainer(copy.deepcopy(policy), fitness, population_size=12, sigma=1.0)
+        trainer.generation = 3
+        pop = trainer.make_population(trainer.sample_perturbations(12), torch.arange(12))
+        fits[name] = (fitness(pop).numpy(), fitness.stats["env_steps"])
+        fitness.close()
+    base = fits["native"]
+    assert np.unique(base[0]).size > 3  # members differ: the test can tell them apart
+    for name, got in fits.items():
+        np.testing.assert_array_equal(got[0], base[0], err_msg=name)
+        assert got[1] == base[1]
 
 
 def test_episodes_average_over_different_start_states():
@@ -297,16 +384,47 @@ def test_envpool_backend(monkeypatch):
 
     made = {}
 
+    class FakePool:
+        """envpool 1.2.5's API over CartPole-v1 envs: ``step(actions, env_id)``, ``reset(env_id)``,
+        sub-env i seeded with ``seed + i`` once, NEXT_STEP autoreset."""
+
+        def __init__(self, num_envs, seed, max_episode_steps):
+            limit = max_episode_steps
+            self.envs = [gym.make("CartPole-v1", max_episode_steps=limit) for _ in range(num_envs)]
+            self.stepped = self.autoresets = 0
+            self.seeds = [seed + i for i in range(num_envs)]
+            self.done = np.zeros(num_envs, bool)
+            self.observation_space = self.envs[0].observation_space
+            self.action_space = self.envs[0].action_space
+
+        def reset(self, env_id=None):
+            ids = np.arange(len(self.envs)) if env_id is None else np.asarray(env_id)
+            obs = []
+            for i in ids:
+                obs.append(self.envs[i].reset(seed=self.seeds[i])[0])
+                self.seeds[i], self.done[i] = None, False
+            return np.stack(obs), {"env_id": ids}
+
+        def step(self, actions, env_id=None):
+            ids = np.arange(len(self.envs)) if env_id is None else np.asarray(env_id)
+            out = []
+            self.stepped += len(ids)
+            for a, i in zip(actions, ids, strict=True):
+                if self.done[i]:  # the autoreset step
+                    self.autoresets += 1
+                    out.append((self.envs[i].reset()[0], 0.0, False, False))
+                    self.done[i] = False
+                    continue
+                o, r, te, tr, _ = self.envs[i].step(int(a))
+                self.done[i] = te or tr
+                out.append((o, r, te, tr))
+            o, r, te, tr = (np.array(v) for v in zip(*out, strict=True))
+            return o, r, te, tr, {"env_id": ids}
+
     def fake_make(task_id, env_type, num_envs, seed, **kwargs):
         made.update(task_id=task_id, env_type=env_type, seed=seed, **kwargs)
-        pool = CartPoleVectorEnv(num_envs=num_envs, **kwargs)
-        pool.reset(seed=seed)
-        return types.SimpleNamespace(
-            observation_space=pool.single_observation_space,
-            action_space=pool.single_action_space,
-            reset=lambda: pool.reset(),
-            step=pool.step,
-        )
+        made["pool"] = FakePool(num_envs, seed, kwargs.get("max_episode_steps"))
+        return made["pool"]
 
     fake = types.SimpleNamespace(make=fake_make, list_all_envs=lambda: ["CartPole-v1"])
     monkeypatch.setitem(sys.modules, "envpool", fake)
@@ -318,6 +436,10 @@ def test_envpool_backend(monkeypatch):
     with pytest.warns(RuntimeWarning, match="common random numbers"):
         result = evaluate(policy, env, episodes=4)
     assert result.episodes == 4 and (result.lengths <= 50).all()
+    # Only sub-envs inside an episode step (by env_id), and explicit resets replace autoresets.
+    assert made["pool"].stepped == result.lengths.sum() and made["pool"].autoresets == 0
+    pooled = evaluate(policy, make_vec_env("CartPole-v1", 3, backend="envpool", seed=3), episodes=7)
+    assert pooled.episodes == 7 and made["pool"].stepped == pooled.lengths.sum()
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
@@ -328,11 +450,14 @@ def test_evaluate_quota_gives_exact_episodes_and_mean(mode, episodes, num_envs):
         policy.net[-1].weight.zero_()
         policy.net[-1].bias.copy_(torch.tensor([1.0, 0.0]))
     env = make_vec_env("EggrollTest/Count-v0", num_envs or episodes, autoreset_mode=mode)
+    lockstep = gym.vector.VectorWrapper(env)  # not a bare SyncVectorEnv: the batched-API driver
     result = evaluate(policy, env, episodes=episodes, seed=5)
-    n = env.num_envs
-    quota = [episodes // n + (i < episodes % n) for i in range(n)]
-    lengths = [count_limit(derive_seed(1, 5, i), e) for i in range(n) for e in range(quota[i])]
+    # Episode e starts from reset(seed=derive_seed(1, 5, e)) whichever sub-env plays it.
+    lengths = [count_limit(derive_seed(1, 5, e)) for e in range(episodes)]
     returns = [triangle(L) for L in lengths]
+    again = evaluate(policy, lockstep, episodes=episodes, seed=5)
+    np.testing.assert_array_equal(again.returns, returns)
+    np.testing.assert_array_equal(again.lengths, lengths)
     assert isinstance(result, EvalResult) and result.episodes == episodes
     np.testing.assert_array_equal(result.lengths, lengths)
     np.testing.assert_allclose(result.returns, returns)
@@ -414,6 +539,8 @@ def test_episodes_per_member_through_the_real_population():
     stats = trainer.step()
     assert fitness.env.num_envs == 18
     assert stats["env_steps"] >= 18
+    with pytest.raises(ValueError, match="num_envs must be >= 1"):
+        RolloutFitness("EggrollTest/Count-v0", num_envs=0)
     assert fitness.state_dict() == {"total_env_steps": int(stats["env_steps"])}
 
 

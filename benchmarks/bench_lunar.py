@@ -1,0 +1,47 @@
+"""LunarLander-v3 time to solve with the shipped preset: seeds 0-4, one after another, one table.
+
+Each seed runs ``eggroll-rl train LunarLander-v3 --seed K --out OUT`` in its own process (alone on
+the machine for honest seconds) and reads the run's own ``results.json``: training seconds
+(periodic evaluations included, process start-up not), generations, env steps, the final
+100-episode evaluation and whether it reached the preset's target (200). Extra arguments go to
+every ``train`` call (e.g. ``--set rollout.backend=sync``).
+
+    python benchmarks/bench_lunar.py --out /tmp/lunar-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    """Train each seed and print one row per seed plus the median seconds and solved count."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="LunarLander-v3")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lunar-bench"))
+    args, extra = parser.parse_known_args()
+    rows = []
+    for seed in args.seeds:
+        out = args.out / f"seed{seed}"
+        cmd = [sys.executable, "-m", "eggroll_rl", "train", args.env, "--seed", str(seed)]
+        subprocess.run([*cmd, "--out", str(out), "--no-progress", *extra], check=True)
+        results = json.loads((out / args.env / "results.json").read_text())
+        rows.append(results)
+        print(
+            f"seed {seed}: {results['seconds']:7.1f} s  {results['generations']:4d} generations  "
+            f"{results['env_steps']:>9d} env steps  eval {results['mean']:7.1f}  solved {results['solved']}",
+            flush=True,
+        )
+    seconds = [r["seconds"] for r in rows]
+    solved = sum(bool(r["solved"]) for r in rows)
+    print(f"median {statistics.median(seconds):.1f} s, {solved}/{len(rows)} solved")
+
+
+if __name__ == "__main__":
+    main()
