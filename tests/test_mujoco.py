@@ -49,11 +49,10 @@ def test_top_directions_keeps_exactly_the_b_best_pairs_by_hand() -> None:
 
 def test_top_directions_ties_keep_the_lower_pair_and_the_base_shaper_applies() -> None:
     f = torch.tensor([2.0, 1.0, 0.0, 2.0, 2.0, -1.0], dtype=torch.float64)  # every pair's max is 2
-    shaped = top_directions(2, "centered_rank")(f)
-    # Pairs 0 and 1 kept; centered ranks of (2, 1, 0, 2) with stable order: 1->0, 0->... by hand:
-    # sorted stable: 0 (idx2), 1 (idx1), 2 (idx0), 2 (idx3) -> ranks idx0=2, idx1=1, idx2=0, idx3=3.
-    ranks = torch.tensor([2.0, 1.0, 0.0, 3.0], dtype=torch.float64) / 3 - 0.5
-    torch.testing.assert_close(shaped, torch.cat([ranks * 6 / 4, torch.zeros(2, dtype=torch.float64)]))
+    shaped = top_directions(2, "zscore")(f)
+    # Pairs 0 and 1 kept: (2, 1, 0, 2) has mean 1.25 and std sqrt(0.6875); scale N/(2b) = 6/4.
+    kept = (torch.tensor([2.0, 1.0, 0.0, 2.0], dtype=torch.float64) - 1.25) / 0.6875**0.5
+    torch.testing.assert_close(shaped, torch.cat([kept * 6 / 4, torch.zeros(2, dtype=torch.float64)]))
 
 
 def test_top_directions_rejects_bad_input() -> None:
