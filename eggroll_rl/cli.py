@@ -304,11 +304,14 @@ def eval_(
     print(f"{env_id} ({path}): {result.mean:.2f} +/- {result.std:.2f} over {result.episodes} episodes")
     print(f"solved: {verdict}{against}")
     if record:
-        from eggroll_rl.video import record_episode
+        from eggroll_rl.video import RenderBackendError, record_episode
 
         videos = video_dir if video_dir is not None else Path(os.environ.get(VIDEOS_DIR_ENV) or "videos")
         slug = env_id.replace("/", "__")
-        video = record_episode(policy, env_id, videos / slug / f"{slug}-seed{seed}.mp4", seed=seed)
+        try:
+            video = record_episode(policy, env_id, videos / slug / f"{slug}-seed{seed}.mp4", seed=seed)
+        except RenderBackendError as exc:
+            raise _fail(str(exc)) from None
         print(f"recorded {video.frames} frames (return {video.episode_return:.2f}) to {video.path}")
 
 
@@ -337,6 +340,7 @@ def envs(
         ("target", "right"),
         ("measured to solve", "right"),
         ("shipped agent", "right"),
+        ("reference", "left"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for preset in list_presets():
@@ -358,6 +362,7 @@ def envs(
             "-" if target is None else f"{target:g}",
             measured,
             _shipped_score(agent_dir(preset.env_id, root) / RESULTS_FILE, preset.env_id),
+            preset.reference or "-",
         )
     Console().print(table)
 

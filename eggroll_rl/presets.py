@@ -6,6 +6,7 @@ A preset file is ``envs/<ENV_ID>.toml`` (``/`` in namespaced ids becomes ``__``)
     tuned = false              # true once the values below were measured to solve the env
     target = 475.0             # mean evaluation return that counts as solved (omit: env spec's)
     notes = "..."
+    reference = "..."          # a published result to compare with (shown by `eggroll-rl envs`)
 
     [trainer]                  # TrainerSettings
     [rollout]                  # RolloutSettings
@@ -94,6 +95,7 @@ class TrainerSettings:
     lr_decay: float = 1.0  # lr multiplied by this after every generation
     sigma_decay: float = 1.0  # sigma multiplied by this after every generation
     freeze_nonlora: bool = False  # EGGROLL: perturb and update only weight matrices
+    top_directions: int = 0  # ARS top-b: step along the b best antithetic pairs only; 0: all
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class RolloutSettings:
     episodes_per_member: int = 1  # fitness = mean return over this many episodes
     max_episode_steps: int | None = None  # None: the env spec's limit
     backend: Backend = "auto"  # auto: the env's own vector implementation if any, else sync
+    obs_norm_fraction: float = 0.01  # share of sub-envs whose observations feed the normaliser
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ SECTIONS: dict[str, type] = {
 # Sections that configure a run; bare keys resolve only here, so "generations" means the budget,
 # not what tuning measured.
 RUN_SECTIONS = ("trainer", "rollout", "policy", "eval", "run")
-TOP_LEVEL = ("env_id", "tuned", "target", "notes")
+TOP_LEVEL = ("env_id", "tuned", "target", "notes", "reference")
 ALIASES = {
     "trainer": "trainer.algorithm",
     "learning_rate": "trainer.lr",
@@ -180,6 +183,7 @@ class Preset:
     tuned: bool = False
     target: float | None = None  # None: the env spec's reward_threshold
     notes: str = ""
+    reference: str = ""  # a published baseline, e.g. "ARS (rl-baselines3-zoo): 355.3 in 2M steps"
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
@@ -223,7 +227,8 @@ class Preset:
         from eggroll_rl.agents import library_version
 
         data = self.to_dict()
-        del data["measured"], data["notes"], data["tuned"]  # they describe the preset, not this run
+        # They describe the preset, not this run.
+        del data["measured"], data["notes"], data["tuned"], data["reference"]
         return {
             **data,
             "preset": None if self.source is None else self.source.name,
@@ -519,6 +524,19 @@ def _validate(p: Preset) -> None:
     need(0 <= t.seed < 2**63, "trainer.seed", "must be in [0, 2**63)")
     need(0 < t.lr_decay <= 1, "trainer.lr_decay", "must be in (0, 1]")
     need(0 < t.sigma_decay <= 1, "trainer.sigma_decay", "must be in (0, 1]")
+    if t.top_directions:
+        need(t.noise_reuse == 2, "trainer.noise_reuse", "must be 2 (antithetic pairs) with top_directions")
+        need(t.group_size == 0, "trainer.group_size", "must be 0 with top_directions")
+        need(
+            1 <= t.top_directions <= t.population // 2,
+            "trainer.top_directions",
+            f"must be 0 (all) or in [1, population/2 = {t.population // 2}]",
+        )
+    need(
+        finite("rollout.obs_norm_fraction") and 0 < r.obs_norm_fraction <= 1,
+        "rollout.obs_norm_fraction",
+        "must be in (0, 1]",
+    )
     need(r.episodes_per_member >= 1, "rollout.episodes_per_member", "must be >= 1")
     need(
         r.max_episode_steps is None or r.max_episode_steps >= 1,

@@ -170,6 +170,15 @@ def _schedule(value: float, decay: float) -> float | Callable[[int], float]:
     return value if decay == 1.0 else (lambda g: value * decay**g)
 
 
+def _fitness_shaping(t: Any) -> Any:
+    """Return the trainer's ``fitness_shaping``: the named shaper, or ARS top-b around it."""
+    if not t.top_directions:
+        return t.fitness_shaping
+    from eggroll_rl.shaping import top_directions
+
+    return top_directions(t.top_directions, t.fitness_shaping)
+
+
 def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
     """Build the policy, the rollout fitness and the trainer a preset describes; return the trainer."""
     import gymnasium as gym
@@ -194,13 +203,14 @@ def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
         seed=t.seed,
         backend=r.backend,
         obs_norm=pol.normalize_obs,
+        obs_norm_fraction=r.obs_norm_fraction,
     )
     common = dict(
         learning_rate=_schedule(t.lr, t.lr_decay),
         sigma=_schedule(t.sigma, t.sigma_decay),
         noise_reuse=t.noise_reuse,
         group_size=t.group_size,
-        fitness_shaping=t.fitness_shaping,
+        fitness_shaping=_fitness_shaping(t),
         seed=t.seed,
         optimizer=t.optimizer,
         optimizer_kwargs={"weight_decay": t.weight_decay} if t.weight_decay else None,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,73 @@ import torch
 
 from eggroll_rl.atomic import atomic_path
 
-__all__ = ["Recording", "record_episode"]
+__all__ = ["HEADLESS_GL_BACKENDS", "Recording", "RenderBackendError", "choose_mujoco_gl", "record_episode"]
+
+# MuJoCo's offscreen OpenGL backends that need no display, in order of preference.
+HEADLESS_GL_BACKENDS = ("egl", "osmesa")
+_GL_PROBE = (
+    "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); "
+    "m = mujoco.MjModel.from_xml_string('<mujoco/>'); "
+    "mujoco.MjrContext(m, mujoco.mjtFontScale.mjFONTSCALE_100); c.free()"
+)
+NO_GL_MESSAGE = (
+    "cannot render MuJoCo without a display: neither EGL nor OSMesa works here; install one "
+    "(e.g. `apt-get install libegl1` for MUJOCO_GL=egl, or `apt-get install libosmesa6` for "
+    "MUJOCO_GL=osmesa) plus `pip install pyopengl`, or run with a display"
+)
+
+
+class RenderBackendError(RuntimeError):
+    """No OpenGL backend can render this env here; the message says what to install."""
+
+
+def _probe_gl(backend: str) -> bool:
+    """Return whether MuJoCo can open an offscreen ``backend`` context (in a child process)."""
+    env = {**os.environ, "MUJOCO_GL": backend, "PYOPENGL_PLATFORM": backend}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _GL_PROBE], env=env, capture_output=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _is_mujoco(env_id: str) -> bool:
+    import gymnasium as gym
+
+    try:
+        entry = gym.spec(env_id).entry_point
+    except gym.error.Error:
+        return False
+    return isinstance(entry, str) and entry.startswith("gymnasium.envs.mujoco")
+
+
+def choose_mujoco_gl(
+    environ: MutableMapping[str, str] | None = None,
+    probe: Callable[[str], bool] | None = None,
+    platform: str = sys.platform,
+) -> str | None:
+    """Pick MuJoCo's OpenGL backend for rendering and set ``MUJOCO_GL``; return it (None: default).
+
+    A ``MUJOCO_GL`` already set is kept. With a display (``DISPLAY``/``WAYLAND_DISPLAY``), or on
+    macOS/Windows, MuJoCo's default (GLFW) is left alone. Headless, the first of
+    :data:`HEADLESS_GL_BACKENDS` that ``probe`` accepts is set (with ``PYOPENGL_PLATFORM``,
+    which PyOpenGL reads once per process); ``probe(name)`` (default: open a context in a child
+    process) says whether a backend works. Raises RenderBackendError when none works.
+    """
+    environ = os.environ if environ is None else environ
+    probe = _probe_gl if probe is None else probe
+    if environ.get("MUJOCO_GL"):
+        return environ["MUJOCO_GL"]
+    if not platform.startswith("linux") or environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"):
+        return None
+    for backend in HEADLESS_GL_BACKENDS:
+        if probe(backend):
+            environ["MUJOCO_GL"] = backend
+            environ.setdefault("PYOPENGL_PLATFORM", backend)
+            return backend
+    raise RenderBackendError(NO_GL_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -36,7 +105,9 @@ def record_episode(
     """Play one deterministic episode of ``policy`` on ``env_id`` and write it to ``path`` (mp4).
 
     The video is encoded into a private temporary directory beside ``path`` and moved into place
-    atomically, so ``path`` is either the old file or the complete new one.
+    atomically, so ``path`` is either the old file or the complete new one. MuJoCo envs on a
+    headless machine render through EGL or OSMesa (:func:`choose_mujoco_gl`); RenderBackendError
+    when neither works.
     """
     import gymnasium as gym
     from gymnasium.vector.utils import concatenate, create_empty_array
@@ -45,6 +116,8 @@ def record_episode(
     # pygame (classic-control rendering) needs no display for rgb_array frames; without this
     # SDL may complain about the session (XDG_RUNTIME_DIR) on headless machines.
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    if _is_mujoco(env_id):
+        choose_mujoco_gl()
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".record-", dir=dest.parent))

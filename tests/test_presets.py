@@ -25,13 +25,30 @@ from eggroll_rl.presets import (
 )
 
 REPO_ENVS = Path(__file__).resolve().parent.parent / "envs"
-SHIPPED = ["Acrobot-v1", "CartPole-v1", "LunarLander-v3", "MountainCarContinuous-v0", "Pendulum-v1"]
+SHIPPED = [
+    "Acrobot-v1",
+    "Ant-v5",
+    "CartPole-v1",
+    "HalfCheetah-v5",
+    "Hopper-v5",
+    "LunarLander-v3",
+    "MountainCarContinuous-v0",
+    "Pendulum-v1",
+    "Swimmer-v5",
+    "Walker2d-v5",
+]
 TARGETS = {
     "CartPole-v1": 475.0,
     "Acrobot-v1": -100.0,
     "Pendulum-v1": -200.0,
     "MountainCarContinuous-v0": 90.0,
     "LunarLander-v3": 200.0,
+    # MuJoCo: the ARS rows of rl-baselines3-zoo's benchmark (issue 13).
+    "Swimmer-v5": 355.3,
+    "Hopper-v5": 3343.9,
+    "HalfCheetah-v5": 4815.2,
+    "Walker2d-v5": 2993.6,
+    "Ant-v5": 2333.8,
 }
 
 
