@@ -331,6 +331,10 @@ def _env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
 
     try:
         env = gym.make(env_id)
+    except (ImportError, gym.error.DependencyNotInstalled) as exc:
+        from eggroll_rl.presets import dependency_hint
+
+        raise AgentError(f"{env_id} {dependency_hint(exc)}") from exc
     except Exception as exc:  # gymnasium raises many error types for a bad id or missing extra
         raise AgentError(f"cannot make {env_id} to rebuild its policy ({_short(exc)})") from exc
     try:

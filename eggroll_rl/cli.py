@@ -499,6 +499,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args:
         app(args=["--help"], prog_name="eggroll-rl", standalone_mode=False)
         raise SystemExit(0)
+    import warnings
+
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -507,8 +511,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         return _main(args)
     finally:
+        warnings.showwarning = shown
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    if _is_main_process():
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -370,6 +370,15 @@ def make_policy(
     hidden_sizes: Sequence[int] = (64, 64),
     activation: str = "tanh",
     normalize_obs: bool = True,
+    seed: int | None = None,
 ) -> Policy:
-    """Build an MLP policy for the given single-env spaces."""
-    return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)
+    """Build an MLP policy for the given single-env spaces.
+
+    ``seed`` draws the initial weights from their own generator (same seed, same weights);
+    None draws them from torch's global generator.
+    """
+    if seed is None:
+        return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)
