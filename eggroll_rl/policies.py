@@ -230,7 +230,8 @@ class ObservationNormalizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise `x` (..., dim) with the frozen mean/std and clip."""
-        return ((x - self.mean) / self.std).clamp_(-self.clip, self.clip)
+        # Out of place: an in-place clamp has no vmap batching rule (VanillaESTrainer warned).
+        return ((x - self.mean) / self.std).clamp(-self.clip, self.clip)
 
     @torch.no_grad()
     def update(

@@ -5,21 +5,23 @@ This is what ``eggroll-rl train`` runs, as a library function the CLI, benchmark
     from eggroll_rl.presets import load_preset
     from eggroll_rl.run import train
 
-    result = train(load_preset("CartPole-v1"), out="agents")
+    result = train(load_preset("CartPole-v1"), out="runs")  # -> runs/CartPole-v1 (or _2, _3, ...)
     print(result.results["mean"], result.directory)
 
 A run steps the trainer generation by generation. Every ``eval.every`` generations it evaluates
 the center policy on fresh episodes (seeds derived from the run seed and the generation, under
-the env's own time limit) and stops once the mean reaches the target (the preset's, else the env
+the run's one episode cap) and stops once the mean reaches the target (the preset's, else the env
 spec's ``reward_threshold``). Every ``run.checkpoint_every`` generations, and whenever it stops,
 it writes a checkpoint (the full trainer state plus the run's own rows) into the agent directory;
 ``resume=True`` continues from it exactly: the resumed run's parameters and history equal an
 uninterrupted run's. At the end it evaluates the center once more (unless the last periodic
 evaluation was of this very center) and writes the agent atomically.
 
-Ctrl-C (SIGINT) asks the run to stop after the current generation: it then checkpoints, evaluates
-and saves like any other stop. A second Ctrl-C aborts at once, keeping the last checkpoint. A
-``KeyboardInterrupt`` raised between generations (e.g. by ``callback``) counts as the first kind.
+Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the run to stop after the current generation (said at
+once on stderr): it then checkpoints, evaluates and saves like any other stop, except that it
+never replaces an agent already in its directory. A second signal aborts at once, keeping the
+last checkpoint. A ``KeyboardInterrupt`` raised between generations (e.g. by ``callback``)
+counts as the first kind.
 
 Under ``torch.distributed`` (``--nproc``, torchrun) every rank runs this same function; rank 0
 alone evaluates, prints and writes, and its stop decision is broadcast so all ranks stop together.

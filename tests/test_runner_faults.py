@@ -282,7 +282,8 @@ def _alive(pid: int) -> bool:
 
 
 def _start_training(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-u", "-m", "eggroll_rl", "train", "CartPole-v1", "--generations", "100000"]
+    # 600 generations: the plain log prints every 20th (and the run is still going then).
+    cmd = [sys.executable, "-u", "-m", "eggroll_rl", "train", "CartPole-v1", "--generations", "600"]
     cmd += ["--set", "eval.stop_on_target=false", "--set", "eval.every=0", "--set", "run.checkpoint_every=0"]
     cmd += [*TINY, *extra]
     return subprocess.Popen(
@@ -309,7 +310,7 @@ def test_signal_to_the_run_saves_and_exits_128_plus_signal(
     proc = _start_training(tmp_path, "--nproc", str(nproc))
     seen: list[str] = []
     try:
-        _wait_for_line(proc, "gen 2/", seen)
+        _wait_for_line(proc, "gen 20/", seen)
         workers = _children(proc.pid)
         os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=180)
@@ -321,7 +322,7 @@ def test_signal_to_the_run_saves_and_exits_128_plus_signal(
     assert "stopping after the current generation" in err and "Traceback" not in err
     assert "Interrupted at generation" in out and "--resume" in out
     generation = load_checkpoint(tmp_path / "runs" / "CartPole-v1" / "checkpoint.pt")["trainer"]["generation"]
-    assert generation >= 2
+    assert generation >= 20
     assert not [p for p in workers if _alive(p)]  # no worker outlives the launcher
 
 
@@ -489,3 +490,21 @@ def test_box2d_hint_is_the_same_for_train_and_eval(
     _, _, eval_err = cli(capsys, "eval", agent)
     hint = "pip install 'eggroll-rl[box2d]'"
     assert hint in one_error_line(train_err) and hint in one_error_line(eval_err), (train_err, eval_err)
+
+
+def test_vanilla_trainer_with_the_observation_normaliser_does_not_warn() -> None:
+    import warnings
+
+    from eggroll_rl import RolloutFitness, VanillaESTrainer
+    from eggroll_rl.policies import make_policy
+    from eggroll_rl.rollout import _find_spec
+
+    env = _find_spec("CartPole-v1").make()
+    policy = make_policy(env.observation_space, env.action_space, (4,), normalize_obs=True, seed=0)
+    fitness = RolloutFitness("CartPole-v1", max_episode_steps=20, obs_norm=True)
+    trainer = VanillaESTrainer(policy, fitness, 4, 0.05, 0.1, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(2)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    fitness.close()
