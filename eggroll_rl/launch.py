@@ -148,8 +148,7 @@ def _detach_from_terminal() -> None:
         raise SignalInterrupt(signum)
 
     for sig in _STOP_SIGNALS:
-        if sig != signal.SIGINT:  # SIGINT already raises KeyboardInterrupt
-            signal.signal(sig, interrupt)
+        signal.signal(sig, interrupt)
     _block(False)
 
 
@@ -179,7 +178,13 @@ def _worker(
     threads: int,
     results: Any,
 ) -> None:
-    _detach_from_terminal()
+    try:
+        _detach_from_terminal()  # a signal pending since start-up is raised here
+    except KeyboardInterrupt as exc:
+        results.put((rank, "interrupted", (getattr(exc, "signum", signal.SIGINT), ""), ""))
+        results.close()
+        results.join_thread()
+        os._exit(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
