@@ -41,8 +41,10 @@ __all__ = [
     "AgentError",
     "CheckpointError",
     "agent_dir",
+    "agent_dirs",
     "checkpoint_path",
     "latest_agent",
+    "latest_checkpoint_dir",
     "library_version",
     "load_agent",
     "load_checkpoint",
@@ -50,6 +52,7 @@ __all__ = [
     "make_results",
     "read_history",
     "resolve_agent",
+    "run_directory",
     "save_agent",
     "save_checkpoint",
 ]
@@ -96,6 +99,57 @@ def agent_dir(env_id: str, root: PathLike = "agents") -> Path:
     return Path(root) / _slug(env_id)
 
 
+def agent_dirs(env_id: str, root: PathLike = "runs") -> list[Path]:
+    """Return the existing run directories of ``env_id`` under ``root``: ``SLUG`` and ``SLUG_N``."""
+    base = agent_dir(env_id, root)
+    found = [base] if base.is_dir() else []
+    if base.parent.is_dir():
+        prefix = f"{base.name}_"
+        found += sorted(
+            (
+                p
+                for p in base.parent.iterdir()
+                if p.name.startswith(prefix) and p.name[len(prefix) :].isdigit()
+            ),
+            key=lambda p: int(p.name[len(prefix) :]),
+        )
+    return [p for p in found if p.is_dir()]
+
+
+def run_directory(env_id: str, root: PathLike = "runs", *, overwrite: bool = False) -> Path:
+    """Return the directory a new run of ``env_id`` writes to: ``ROOT/SLUG``, else ``ROOT/SLUG_N``.
+
+    A directory that already holds anything (an agent, a checkpoint) is never reused unless
+    ``overwrite``: the run takes the first free ``SLUG_2``, ``SLUG_3``, ... instead, as
+    rl-baselines3-zoo numbers its runs.
+    """
+    base = agent_dir(env_id, root)
+    if overwrite or not _occupied(base):
+        return base
+    n = 2
+    while _occupied(base.with_name(f"{base.name}_{n}")):
+        n += 1
+    return base.with_name(f"{base.name}_{n}")
+
+
+def _occupied(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def latest_checkpoint_dir(env_id: str, root: PathLike = "runs") -> Path | None:
+    """Return the run directory of ``env_id`` under ``root`` with the newest checkpoint, or None."""
+    best: tuple[float, Path] | None = None
+    for directory in agent_dirs(env_id, root):
+        ckpt = checkpoint_path(directory)
+        try:
+            stamp = ckpt.stat().st_mtime
+        except OSError:
+            continue
+        if best is None or stamp > best[0]:
+            best = (stamp, directory)
+    return None if best is None else best[1]
+
+
 def checkpoint_path(directory: PathLike) -> Path:
     """Return where a run saving into agent ``directory`` keeps its checkpoint."""
     # Inside the agent directory so that `--resume` finds it from the same argument; save_agent
@@ -128,14 +182,18 @@ def make_results(
     if not returns:
         raise ValueError("returns must hold at least one episode return")
     values = [float(r) for r in returns]
-    mean = statistics.fmean(values)
+    # A NaN or infinite return has no mean worth reporting (and JSON cannot hold it): mean and
+    # std become null, the count of such episodes is recorded, and the run is not solved.
+    bad = sum(not math.isfinite(v) for v in values)
+    mean = statistics.fmean(values) if not bad else None
     return {
         "env_id": env_id,
         "mean": mean,
         # Population std over the evaluation episodes: what "mean +/- std" reports describe.
-        "std": statistics.pstdev(values),
+        "std": statistics.pstdev(values) if not bad else None,
         "episodes": len(values),
-        "solved": None if target is None else bool(mean >= target),
+        "non_finite_episodes": bad,
+        "solved": None if target is None else bool(mean is not None and mean >= target),
         "target": target,
         "env_steps": int(env_steps),
         "generations": int(generations),
@@ -273,6 +331,10 @@ def _env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
 
     try:
         env = gym.make(env_id)
+    except (ImportError, gym.error.DependencyNotInstalled) as exc:
+        from eggroll_rl.presets import dependency_hint
+
+        raise AgentError(f"{env_id} {dependency_hint(exc)}") from exc
     except Exception as exc:  # gymnasium raises many error types for a bad id or missing extra
         raise AgentError(f"cannot make {env_id} to rebuild its policy ({_short(exc)})") from exc
     try:
@@ -428,7 +490,9 @@ def load_agent(directory: PathLike, env_id: str | None = None) -> Agent:
         )
 
     for key in ("mean", "episodes"):
-        if not _is_finite_number(results.get(key)):
+        # mean is null when the final evaluation had non-finite returns (see make_results).
+        nullable = key == "mean" and results.get("non_finite_episodes")
+        if not (_is_finite_number(results.get(key)) or (nullable and results.get(key) is None)):
             raise AgentError(f"{directory / RESULTS_FILE}: {key!r} must be a number")
 
     state_dict, metadata = _read_policy(directory / POLICY_FILE)
@@ -481,42 +545,70 @@ def _recorded_time(directory: Path) -> float | None:
             return None
 
 
-def latest_agent(root: PathLike = "agents") -> Path | None:
-    """Return the most recently trained agent directory under ``root``, or None."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
+def latest_agent(roots: PathLike | Sequence[PathLike] = "agents", env_id: str | None = None) -> Path | None:
+    """Return the most recently trained agent directory under ``roots``, or None.
+
+    ``roots`` is one directory or several (searched together); with ``env_id`` only that env's
+    run directories (``SLUG``, ``SLUG_N``) count.
+    """
+    if isinstance(roots, str | os.PathLike):
+        roots = [roots]
     best: tuple[float, float, str] | None = None
     found: Path | None = None
-    for entry in root.iterdir():
-        if entry.name.startswith(".") or not entry.is_dir():
+    for root in map(Path, roots):
+        if not root.is_dir():
             continue
-        stamp = _recorded_time(entry)
-        if stamp is None:
-            continue
-        # Ties (same recorded second) break on mtime, then name, so the answer is deterministic.
-        key = (stamp, (entry / RESULTS_FILE).stat().st_mtime, entry.name)
-        if best is None or key > best:
-            best, found = key, entry
+        entries = agent_dirs(env_id, root) if env_id is not None else root.iterdir()
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            stamp = _recorded_time(entry)
+            if stamp is None:
+                continue
+            # Ties (same recorded second) break on mtime, then name, so the answer is deterministic.
+            key = (stamp, (entry / RESULTS_FILE).stat().st_mtime, entry.name)
+            if best is None or key > best:
+                best, found = key, entry
     return found
 
 
-def resolve_agent(target: str | PathLike | None, root: PathLike = "agents") -> Path:
-    """Turn ``eval``'s argument (None, an agent directory, or an env id) into an agent path."""
+def resolve_agent(target: str | PathLike | None, roots: PathLike | Sequence[PathLike] = "agents") -> Path:
+    """Turn ``eval``'s argument (None, an agent directory, or an env id) into an agent path.
+
+    An env id means the newest agent of that env under ``roots`` (one directory or several).
+    """
+    if isinstance(roots, str | os.PathLike):
+        roots = [roots]
+    where = " or ".join(f"{r}/" for r in roots)
     if target is None:
-        found = latest_agent(root)
+        found = latest_agent(roots)
         if found is None:
-            raise AgentError(f"no trained agent under {root}/; train one with `eggroll-rl train ENV_ID`")
+            raise AgentError(f"no trained agent under {where}; train one with `eggroll-rl train ENV_ID`")
         return found
     path = Path(target)
     if path.is_dir():
         return path
-    by_id = agent_dir(str(target), root)
-    if by_id.is_dir():
-        return by_id
-    raise AgentError(
-        f"no agent for {target} (looked in {path} and {by_id}); train one with `eggroll-rl train {target}`"
-    )
+    found = latest_agent(roots, str(target))
+    if found is not None:
+        return found
+    for root in roots:  # an env's directory without a readable agent: load_agent says what is wrong
+        by_id = agent_dir(str(target), root)
+        if by_id.is_dir():
+            return by_id
+    if _is_env_id(str(target)):
+        raise AgentError(f"no agent for {target} under {where}; train one with `eggroll-rl train {target}`")
+    raise AgentError(f"no agent directory {target}, and it is not a known env id")
+
+
+def _is_env_id(text: str) -> bool:
+    try:
+        import gymnasium as gym
+
+        from eggroll_rl.presets import split_env_id
+
+        return split_env_id(text) in gym.registry
+    except Exception:  # an unimportable module: not an id that can be trained here
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_writable_dir",
     "fsync_dir",
     "replace_dir",
 ]
@@ -48,6 +49,29 @@ def fsync_dir(directory: PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_writable_dir(directory: PathLike) -> None:
+    """Raise OSError unless files can be created in ``directory``; leave nothing behind.
+
+    Missing directories are created for the test and removed again, so a check before the
+    work starts finds ``/proc/x``, a path under a regular file or a read-only file system.
+    """
+    directory = Path(directory)
+    missing = []
+    probe_dir = directory
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        missing.append(probe_dir)
+        probe_dir = probe_dir.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+    finally:
+        for path in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _current_umask() -> int:

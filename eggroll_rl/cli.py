@@ -12,11 +12,13 @@ import functools
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import gymnasium as gym
+import numpy as np
 import typer
 
 try:  # typer >= 0.25 vendors click; older versions use click itself
@@ -25,13 +27,16 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import UsageError
 
 from eggroll_rl.agents import AgentError
-from eggroll_rl.presets import PresetError
+from eggroll_rl.presets import PresetError, dependency_hint
 
 __all__ = ["AGENTS_DIR_ENV", "VIDEOS_DIR_ENV", "app", "main"]
 
 AGENTS_DIR_ENV = "EGGROLL_RL_AGENTS_DIR"
+# Where `train` writes by default: git-ignored, so training never touches the shipped agents/.
+RUNS_DIR = "runs"
 AgentsDir = Annotated[
-    Path | None, typer.Option(help=f"Agents root for env ids (default ${AGENTS_DIR_ENV} or agents).")
+    Path | None,
+    typer.Option(help=f"Agents root for env ids (default ${AGENTS_DIR_ENV}, else runs/ then agents/)."),
 ]
 VIDEOS_DIR_ENV = "EGGROLL_RL_VIDEOS_DIR"
 EXIT_BAD_INPUT = 2
@@ -69,42 +74,43 @@ def _friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except (AgentError, PresetError, RunError, MissingDependency) as exc:
             raise _fail(str(exc)) from None
-        except gym.error.DependencyNotInstalled as exc:
-            raise _fail(_missing_env_dependency(exc)) from None
+        except (gym.error.DependencyNotInstalled, ImportError) as exc:
+            # Every optional dependency (an env family's, envpool, jax, matplotlib) says what to install.
+            raise _fail(dependency_hint(exc)) from None
         except RunInterrupted as exc:
-            raise _fail(str(exc), EXIT_INTERRUPTED) from None
+            raise _fail(str(exc), 128 + exc.signum) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-# Which of our extras brings the package an environment family needs.
-_ENV_EXTRAS = {"box2d": "box2d", "mujoco": "mujoco"}
+def _agents_root() -> Path:
+    """Return where ``train`` writes: $EGGROLL_RL_AGENTS_DIR, else ./runs (git-ignored)."""
+    configured = os.environ.get(AGENTS_DIR_ENV)
+    return Path(configured) if configured else Path(RUNS_DIR)
 
 
-def _missing_env_dependency(exc: Exception) -> str:
-    """Name the extra that installs what gymnasium found missing."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = first.lower()
-    extra = next((e for key, e in _ENV_EXTRAS.items() if key in text), None)
-    if extra is None:
-        return f"a dependency of this environment is missing: {first}"
-    return f"this environment needs the {extra} extra: pip install 'eggroll-rl[{extra}]' ({first})"
+def _read_roots() -> list[Path]:
+    """Return where eval/envs/plot look for agents: $EGGROLL_RL_AGENTS_DIR, else runs/ then agents/.
 
-
-def _agents_root(*, reading: bool = False) -> Path:
-    """Return the agents root: $EGGROLL_RL_AGENTS_DIR, else ./agents.
-
-    For reading (eval, envs, plot) a missing ./agents falls back to the agents shipped beside the
-    package in a source checkout, so the shipped agents work from any directory.
+    A missing ./agents falls back to the agents shipped beside the package in a source checkout,
+    so the shipped agents work from any directory.
     """
     configured = os.environ.get(AGENTS_DIR_ENV)
     if configured:
-        return Path(configured)
+        return [Path(configured)]
     local = Path("agents")
     shipped = Path(__file__).resolve().parent.parent / "agents"
-    if reading and not local.is_dir() and shipped.is_dir():
-        return shipped
-    return local
+    return [Path(RUNS_DIR), shipped if not local.is_dir() and shipped.is_dir() else local]
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    """Fail (exit 2, one line) unless files can be created in ``directory``."""
+    from eggroll_rl.atomic import check_writable_dir
+
+    try:
+        check_writable_dir(directory)
+    except OSError as exc:
+        raise _fail(f"{what}: cannot write to {directory} ({exc.strerror or type(exc).__name__})") from None
 
 
 def _is_main_process() -> bool:
@@ -139,17 +145,23 @@ def train(
     out: Annotated[
         Path | None,
         typer.Option(
-            help=f"Agents root; the agent goes to OUT/ENV_ID (default ${AGENTS_DIR_ENV} or agents)."
+            help=f"Runs root; the agent goes to OUT/ENV_ID, or OUT/ENV_ID_N when that is taken "
+            f"(default ${AGENTS_DIR_ENV} or runs)."
         ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the agent in OUT/ENV_ID when the run finishes.")
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override any preset key: key=value (repeatable).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/ENV_ID/checkpoint.pt exactly.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the newest checkpoint of ENV_ID under OUT exactly.")
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines, no live bar.")] = False,
     nproc: Annotated[int, typer.Option(help="Local processes sharing the population.", min=1)] = 1,
 ) -> None:
-    """Train an agent for ENV_ID from its preset (envs/ENV_ID.toml) and save it to OUT/ENV_ID."""
+    """Train an agent for ENV_ID from its preset (envs/ENV_ID.toml) and save it to OUT/ENV_ID[_N]."""
     from eggroll_rl.presets import apply_overrides, check_env_id, dump_preset, load_preset
     from eggroll_rl.run import resume_preset
 
@@ -183,39 +195,52 @@ def train(
             _echo(dump_preset(preset).rstrip())
             _echo()
     kind = "plain" if no_progress or not sys.stdout.isatty() else "rich"
-    result = _run_training(preset, root, resume, kind, nproc)
+    if resume and overwrite:
+        raise _fail("--resume continues a run in its own directory; --overwrite does not apply")
+    result = _run_training(preset, root, resume, kind, nproc, overwrite)
     if result is None:
         return
     _report_training(result, env_id)
     if result.stopped == "interrupted":
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(128 + (result.signum or 2))
 
 
-def _run_training(preset: Any, root: Path, resume: bool, kind: str, nproc: int) -> Any:
+def _run_training(preset: Any, root: Path, resume: bool, kind: str, nproc: int, overwrite: bool) -> Any:
     """Run in this process (or under torchrun), or spawn ``nproc`` local processes."""
     from eggroll_rl.distributed import DistributedError, World
-    from eggroll_rl.run import StopRequest, train, train_worker
+    from eggroll_rl.run import train, train_worker
 
     if nproc > 1:
         if "RANK" in os.environ:
             raise MissingDependency("--nproc cannot be combined with torchrun; use one or the other")
         from eggroll_rl.launch import run_distributed
 
-        # The children receive the terminal's Ctrl-C themselves and stop after the generation;
-        # the launcher only has to survive the first one (a second one stops everything).
+        # The launcher forwards INT/TERM/HUP to the workers (their own process group), which stop
+        # after the generation and save; a second signal stops them at once.
         try:
-            with StopRequest():
-                return run_distributed(
-                    nproc,
-                    train_worker,
-                    {"preset": preset, "out": str(root), "resume": resume, "progress": kind},
-                )
+            return run_distributed(
+                nproc,
+                train_worker,
+                {
+                    "preset": preset,
+                    "out": str(root),
+                    "resume": resume,
+                    "progress": kind,
+                    "overwrite": overwrite,
+                },
+            )
         except DistributedError as exc:
             raise _fail(str(exc).splitlines()[0], 1) from None
     world = World.init_from_env()
     from eggroll_rl.progress import make_progress
 
-    result = train(preset, root, resume=resume, progress=make_progress(kind) if world.is_main else None)
+    result = train(
+        preset,
+        root,
+        resume=resume,
+        overwrite=overwrite,
+        progress=make_progress(kind) if world.is_main else None,
+    )
     if world.size > 1:
         World.shutdown()
     return result if world.is_main else None
@@ -224,6 +249,8 @@ def _run_training(preset: Any, root: Path, resume: bool, kind: str, nproc: int) 
 def _report_training(result: Any, env_id: str) -> None:
     r = result.results
     target = r.get("target")
+    for note in result.notes:
+        _echo(f"warning: {note}")
     verdict = {True: "solved", False: "not solved", None: "no target"}[r.get("solved")]
     against = "" if target is None else f" (target {target:g})"
     how = {
@@ -234,15 +261,24 @@ def _report_training(result: Any, env_id: str) -> None:
         "interrupted": "was interrupted",
     }[result.stopped]
     _echo(
-        f"{env_id}: {r['mean']:.2f} +/- {r['std']:.2f} over {r['episodes']} episodes, {verdict}{against}; "
+        f"{env_id}: {_score(r)} over {r['episodes']} episodes, {verdict}{against}; "
         f"the run {how} after {result.generations} generations, {result.env_steps:,} env steps, "
         f"{result.seconds:.1f} s"
     )
-    _echo(f"Saved the agent to {result.directory} (checkpoint: {result.checkpoint})")
+    if result.saved:
+        _echo(f"Saved the agent to {result.directory} (checkpoint: {result.checkpoint})")
+    else:
+        _echo(f"Kept the agent in {result.directory} as it was; this run is in {result.checkpoint}")
     if result.stopped == "interrupted":
         _echo(f"Continue with: eggroll-rl train {env_id} --resume" + _out_flag(result.directory))
     else:
         _echo(f"Watch it: eggroll-rl eval {result.directory} --record")
+
+
+def _score(r: dict[str, Any]) -> str:
+    if r.get("mean") is None:
+        return f"no finite mean ({r.get('non_finite_episodes')} non-finite returns)"
+    return f"{r['mean']:.2f} +/- {r['std']:.2f}"
 
 
 def _out_flag(directory: Path) -> str:
@@ -272,47 +308,76 @@ def eval_(
     agents_dir: AgentsDir = None,
 ) -> None:
     """Evaluate a trained agent: mean +/- std return and solved yes/no; optionally record a video."""
-    import gymnasium as gym
-
     from eggroll_rl.agents import load_agent, resolve_agent
     from eggroll_rl.presets import check_env_id
     from eggroll_rl.rollout import evaluate
     from eggroll_rl.run import env_target
 
-    root = agents_dir if agents_dir is not None else _agents_root(reading=True)
+    roots = [agents_dir] if agents_dir is not None else _read_roots()
     expected = None
     if agent is not None and not Path(agent).is_dir():
-        if agent not in gym.registry and not (root / agent.replace("/", "__")).is_dir():
-            try:
-                check_env_id(agent)
-            except PresetError as exc:
-                hint = str(exc).partition(";")[2]
-                hint = f";{hint}" if hint else f" (no agent in {root})"
-                raise AgentError(f"no agent directory {agent}, and it is not a known env id{hint}") from None
+        check_env_id(agent)  # unknown id: suggestions; missing dependency: what to install
         expected = agent
-    path = resolve_agent(agent, root)
+    path = resolve_agent(agent, roots)
     loaded = load_agent(path, expected)
     env_id = loaded.env_id
     check_env_id(env_id)
+    cap = _agent_cap(loaded.config)
+    videos = video_dir if video_dir is not None else Path(os.environ.get(VIDEOS_DIR_ENV) or "videos")
+    slug = env_id.replace("/", "__").replace(":", "__")
+    if record:
+        # Both checked before any work: a recording that cannot happen must not cost an evaluation.
+        modes = _render_modes(env_id)
+        if "rgb_array" not in modes:
+            shown = ", ".join(modes) or "none"
+            raise _fail(f"--record: {env_id} cannot render rgb_array frames (its render modes: {shown})")
+        _check_writable(videos / slug, "--video-dir")
     policy = loaded.build_policy()
     recorded = loaded.config.get("target")  # the run's config; a hand-edited one may hold anything
     numeric = isinstance(recorded, int | float) and not isinstance(recorded, bool)
     target = env_target(env_id, recorded if numeric else None)
-    result = evaluate(policy, env_id, episodes=episodes, seed=seed)
-    verdict = "n/a (no target)" if target is None else ("yes" if result.mean >= target else "no")
+    result = evaluate(policy, env_id, episodes=episodes, seed=seed, max_episode_steps=cap)
+    finite = bool(np.isfinite(result.returns).all())
+    verdict = "n/a (no target)" if target is None else "yes" if finite and result.mean >= target else "no"
     against = "" if target is None else f" (target {target:g})"
-    print(f"{env_id} ({path}): {result.mean:.2f} +/- {result.std:.2f} over {result.episodes} episodes")
+    bad = "" if finite else f" ({int((~np.isfinite(result.returns)).sum())} non-finite returns)"
+    print(f"{env_id} ({path}): {result.mean:.2f} +/- {result.std:.2f} over {result.episodes} episodes{bad}")
     print(f"solved: {verdict}{against}")
     if record:
         from eggroll_rl.video import RenderBackendError, record_episode
 
-        videos = video_dir if video_dir is not None else Path(os.environ.get(VIDEOS_DIR_ENV) or "videos")
-        slug = env_id.replace("/", "__")
         try:
-            video = record_episode(policy, env_id, videos / slug / f"{slug}-seed{seed}.mp4", seed=seed)
+            video = record_episode(
+                policy, env_id, videos / slug / f"{slug}-seed{seed}.mp4", seed=seed, max_steps=cap
+            )
         except RenderBackendError as exc:
             raise _fail(str(exc)) from None
         print(f"recorded {video.frames} frames (return {video.episode_return:.2f}) to {video.path}")
+
+
+def _agent_cap(config: dict[str, Any]) -> int | None:
+    """Return the episode cap an agent was trained with (None: the env's own)."""
+    rollout = config.get("rollout")
+    cap = rollout.get("max_episode_steps") if isinstance(rollout, dict) else None
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1 else None
+
+
+def _render_modes(env_id: str) -> list[str]:
+    from eggroll_rl.presets import split_env_id
+
+    entry = gym.spec(split_env_id(env_id)).entry_point
+    try:
+        cls = gym.envs.registration.load_env_creator(entry) if isinstance(entry, str) else entry
+    except Exception:
+        return []
+    metadata = getattr(cls, "metadata", None)
+    if not isinstance(metadata, dict):  # a factory function: make the env to ask it
+        env = gym.make(env_id)
+        try:
+            metadata = env.metadata
+        finally:
+            env.close()
+    return list(metadata.get("render_modes") or [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +397,8 @@ def envs(
     from eggroll_rl.presets import list_presets
     from eggroll_rl.run import resolve_target
 
-    root = agents_dir if agents_dir is not None else _agents_root(reading=True)
+    roots = [agents_dir] if agents_dir is not None else _read_roots()
+    root = roots[-1]  # the shipped agents (or the one configured root)
     table = Table(title="eggroll-rl presets (envs/)")
     for name, justify in (
         ("env id", "left"),
@@ -374,6 +440,8 @@ def _shipped_score(path: Path, env_id: str) -> str:
         r = json.loads(path.read_text(encoding="utf-8"))
         if r.get("env_id", env_id) != env_id:
             return "wrong env"
+        if r.get("mean") is None:
+            return f"no finite mean ({r['episodes']} ep.)"
         solved = {True: " solved", False: " not solved"}.get(r.get("solved"), "")
         return f"{r['mean']:.1f} +/- {r['std']:.1f} ({r['episodes']} ep.){solved}"
     except (OSError, ValueError, KeyError, TypeError):
@@ -399,11 +467,18 @@ def plot(
     from eggroll_rl.agents import load_agent, resolve_agent
     from eggroll_rl.plotting import plot_learning_curves
 
-    root = agents_dir if agents_dir is not None else _agents_root(reading=True)
-    loaded = [load_agent(resolve_agent(a, root)) for a in agents]
+    roots = [agents_dir] if agents_dir is not None else _read_roots()
+    loaded = []
+    for a in agents:
+        # An env id must find an agent of that env, not just a directory of that name.
+        loaded.append(load_agent(resolve_agent(a, roots), None if Path(a).is_dir() else a))
+    empty = [str(agent.directory) for agent in loaded if not agent.history().get("generation")]
+    if empty:
+        raise AgentError(f"{', '.join(empty)}: no history.csv rows to plot")
     if output is None:
-        name = loaded[0].env_id.replace("/", "__") if len(loaded) == 1 else "comparison"
+        name = loaded[0].env_id.replace("/", "__").replace(":", "__") if len(loaded) == 1 else "comparison"
         output = Path("plots") / f"{name}.png"
+    _check_writable(output.parent, "--output")
     try:
         path = plot_learning_curves(loaded, output)
     except ImportError:
@@ -418,7 +493,46 @@ def plot(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the command line (``eggroll-rl``); exit 2 with one line on any usage error."""
+    """Run the command line (``eggroll-rl``); exit 2 with one line on any usage error.
+
+    No arguments print the help (exit 0). SIGTERM and SIGHUP outside a training loop end the
+    command like Ctrl-C (exit 143, 129); inside one they stop it after the generation.
+    """
+    import signal
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        app(args=["--help"], prog_name="eggroll-rl", standalone_mode=False)
+        raise SystemExit(0)
+    import warnings
+
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, _interrupt)
+    try:
+        return _main(args)
+    finally:
+        warnings.showwarning = shown
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    if _is_main_process():
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    from eggroll_rl.run import SignalInterrupt
+
+    raise SignalInterrupt(signum)
+
+
+def _main(argv: list[str]) -> None:
     try:
         code = app(args=argv, prog_name="eggroll-rl", standalone_mode=False)
     except UsageError as exc:
@@ -431,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        raise SystemExit(128 + getattr(exc, "signum", EXIT_INTERRUPTED - 128)) from None
     raise SystemExit(code if isinstance(code, int) else 0)

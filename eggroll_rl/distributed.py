@@ -4,11 +4,13 @@ ES needs almost no communication: every rank regenerates every member's noise fr
 so per generation only the N fitness values travel (plus a one-float error flag per rank and, when
 the fitness reports stats, a small dict of them). Every rank then applies the identical update.
 
-Faults: a rank whose evaluation raises sets its error flag in the fitness all-gather; every rank
-sees the flag, the messages are exchanged, and every rank raises the same :class:`DistributedError`
-naming the failed rank. A rank that dies makes the next collective fail (connection closed) or
-time out (``timeout`` of :meth:`World.init_from_env`), which is reported as a
-:class:`DistributedError` too, so a run never hangs for longer than the timeout.
+Faults: every collective of :class:`World` (the fitness gather, the rollout's all-reduce, stats,
+broadcasts, barriers) starts with a one-number status exchange. A rank that raises calls
+:meth:`World.fail`, which joins whatever collective the other ranks are in with a failed status;
+all ranks then exchange the messages and raise the same :class:`DistributedError` naming the
+failed rank and its exception, at once. A rank that dies makes the next collective fail
+(connection closed) or time out (``timeout`` of :meth:`World.init_from_env`), which is reported
+as a :class:`DistributedError` too, so a run never hangs for longer than the timeout.
 """
 
 from __future__ import annotations
@@ -149,12 +151,40 @@ class World:
             except Exception as exc:
                 error = exc
         if sync and self.size > 1:
-            message = self.broadcast_object(None if error is None else _describe(error))
-            if message is not None and error is None:
-                raise DistributedError({0: message})
+            if error is not None:
+                self._announce(error)  # the others raise DistributedError; rank 0 its own error
+            else:
+                self.barrier()
         if error is not None:
             raise error
         return result
+
+    def fail(self, error: BaseException) -> None:
+        """Stop every rank with ``error``: raise DistributedError naming this rank on all of them.
+
+        Call it where a rank raises outside a collective; it meets the other ranks in whatever
+        collective of this World they are in. In a world of one, ``error`` is re-raised as is.
+        """
+        if self.size == 1 or isinstance(error, DistributedError):
+            raise error
+        raise DistributedError(self._announce(error)) from error
+
+    def _announce(self, error: BaseException | None) -> dict[int, str]:
+        """Send this rank's status (failed when ``error``); return every failed rank's message."""
+        flags = self._status(error is not None)
+        failed = [r for r, flag in enumerate(flags) if flag]
+        if not failed:
+            return {}
+        out: list[Any] = [None] * self.size
+        self._raw("exchange error messages", dist.all_gather_object, out, _describe(error) if error else None)
+        return {r: out[r] or "unknown error" for r in failed}
+
+    def _status(self, failed: bool) -> list[int]:
+        device = self._comm_device(torch.device("cpu"))
+        mine = torch.tensor([1 if failed else 0], dtype=torch.int64, device=device)
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        self._raw("status", dist.all_gather, parts, mine)
+        return [int(p.item()) for p in parts]
 
     # -- collectives ------------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -186,25 +216,17 @@ class World:
         ``error``: this rank's evaluation failed; every rank then raises the same
         DistributedError naming the failed ranks (single process: ``error`` is re-raised as is).
         """
+        if error is not None:
+            self.fail(error)
         if self.size == 1:
-            if error is not None:
-                raise error
             return local
-        # Blocks may differ by one member: pad to the largest, gather, then trim. The extra last
-        # slot is the error flag, so the normal path stays a single collective.
+        # Blocks may differ by one member: pad to the largest, gather, then trim.
         longest = -(-population_size // self.size)
         device = self._comm_device(local.device)
-        padded = torch.zeros(longest + 1, dtype=torch.float64, device=device)
-        if error is None:
-            padded[: local.numel()] = local.to(device, torch.float64)
-        else:
-            padded[-1] = 1.0
+        padded = torch.zeros(longest, dtype=torch.float64, device=device)
+        padded[: local.numel()] = local.to(device, torch.float64)
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         self._collective("all_gather fitness", dist.all_gather, parts, padded)
-        failed = [r for r, part in enumerate(parts) if part[-1].item() != 0.0]
-        if failed:
-            messages = self.all_gather_object(None if error is None else _describe(error))
-            raise DistributedError({r: messages[r] or "unknown error" for r in failed}) from error
         blocks = []
         for r, part in enumerate(parts):
             s = World(r, self.size).member_slice(population_size)
@@ -252,6 +274,14 @@ class World:
         return device
 
     def _collective(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # The status first: a rank that failed elsewhere (World.fail) meets us here, whatever
+        # collective we are in, and every rank stops with its message.
+        failures = self._announce(None)
+        if failures:
+            raise DistributedError(failures)
+        return self._raw(what, fn, *args, **kwargs)
+
+    def _raw(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except DistributedError:

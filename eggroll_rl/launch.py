@@ -7,10 +7,16 @@ result. If any rank raises or dies, the others are stopped within ``grace`` seco
 traceback is attached as a note). ``target`` must be importable (a module-level function), and a
 script that calls this must guard its entry point with ``if __name__ == "__main__":`` (spawn
 re-imports it in every process).
+
+Signals: SIGINT, SIGTERM and SIGHUP sent to the launcher are forwarded to every worker (the
+workers run in their own process group, so a terminal's Ctrl-C reaches them once, through the
+launcher). A training worker stops after its generation and saves; a second signal stops it at
+once. A worker whose launcher dies gets SIGTERM (Linux), so no worker outlives it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -66,6 +72,7 @@ def run_distributed(
     )
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
+    forwarded: list[int] = []
     procs = [
         ctx.Process(
             target=_worker,
@@ -75,16 +82,74 @@ def run_distributed(
         )
         for rank in range(nproc)
     ]
+    previous = _forward_signals(procs, forwarded)
     try:
         for p in procs:
-            p.start()
+            # Started with the stop signals blocked: the worker inherits the mask and unblocks
+            # them once it has left the terminal's process group and installed its handlers.
+            _block(True)
+            try:
+                p.start()
+            finally:
+                _block(False)
         reports = _supervise(procs, results, grace)
     except BaseException:
         _stop(procs)
         raise
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         del store
-    return _outcome(procs, reports)
+    return _outcome(procs, reports, forwarded)
+
+
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _block(on: bool) -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if on else signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _forward_signals(procs: list[Any], forwarded: list[int]) -> dict[int, Any]:
+    """Install handlers that pass INT/TERM/HUP on to the live workers; return the old handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def forward(signum: int, frame: Any) -> None:
+        forwarded.append(signum)
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signum)
+
+    return {sig: signal.signal(sig, forward) for sig in _STOP_SIGNALS}
+
+
+def _detach_from_terminal() -> None:
+    """Leave the terminal's process group, die with the launcher, then accept stop signals."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: SIGTERM when the launcher dies
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
+    from eggroll_rl.run import SignalInterrupt
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise SignalInterrupt(signum)
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, interrupt)
+    _block(False)
 
 
 def launch(fn: Callable[..., T], nproc: int, *args: Any, **options: Any) -> T:
@@ -113,6 +178,13 @@ def _worker(
     threads: int,
     results: Any,
 ) -> None:
+    try:
+        _detach_from_terminal()  # a signal pending since start-up is raised here
+    except KeyboardInterrupt as exc:
+        results.put((rank, "interrupted", (getattr(exc, "signum", signal.SIGINT), ""), ""))
+        results.close()
+        results.join_thread()
+        os._exit(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -130,7 +202,16 @@ def _worker(
         # Plain pickle: torch's queue pickler would pass tensors as shared-memory handles that
         # die with this process before the launcher reads them.
         results.put((rank, "ok", pickle.dumps(result) if rank == 0 else None, ""))
+    except KeyboardInterrupt as exc:  # a forwarded stop signal (a second one, or during start-up)
+        results.put((rank, "interrupted", (getattr(exc, "signum", signal.SIGINT), str(exc)), ""))
+        results.close()
+        results.join_thread()
+        os._exit(1)
     except BaseException as exc:
+        if not isinstance(exc, DistributedError):
+            # Tell the other ranks, wherever they wait in a collective, so all stop at once.
+            with contextlib.suppress(BaseException):
+                World.current().fail(exc)
         # A DistributedError that names another rank is a consequence; the launcher reports causes.
         own = not isinstance(exc, DistributedError) or rank in exc.failures
         message = exc.failures.get(rank, str(exc)) if isinstance(exc, DistributedError) else _describe(exc)
@@ -185,8 +266,25 @@ def _exit_reason(code: int | None) -> str:
     return f"died with exit code {code} without reporting an error"
 
 
-def _outcome(procs: list[Any], reports: dict[int, tuple[str, Any, str]]) -> Any:
-    """Return rank 0's result, or raise naming the ranks that caused the failure."""
+def _outcome(procs: list[Any], reports: dict[int, tuple[str, Any, str]], forwarded: list[int]) -> Any:
+    """Return rank 0's result, or raise naming the ranks that caused the failure.
+
+    After a forwarded stop signal, a run that did not finish raises ``RunInterrupted`` (a
+    KeyboardInterrupt) whose ``signum`` is that signal.
+    """
+    interrupted = [rep[1] for rep in reports.values() if rep[0] == "interrupted"]
+    finished = 0 in reports and reports[0][0] == "ok"
+    if forwarded and not finished:
+        from eggroll_rl.run import RunInterrupted
+
+        message = interrupted[0][1] if interrupted else ""
+        if not message or message in {s.name for s in signal.Signals}:
+            message = "interrupted during start-up: nothing was trained or saved"
+        error = RunInterrupted(message)
+        error.signum = forwarded[0]
+        raise error
+    # Without a signal from outside, a worker interrupted by the launcher's own stop was stopped.
+    reports = {r: ("stopped", None, "") if rep[0] == "interrupted" else rep for r, rep in reports.items()}
     causes: dict[int, str] = {}
     notes: list[str] = []
     for rank, p in enumerate(procs):

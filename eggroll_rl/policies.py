@@ -231,7 +231,8 @@ class ObservationNormalizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise `x` (..., dim) with the frozen mean/std and clip."""
-        return ((x - self.mean) / self.std).clamp_(-self.clip, self.clip)
+        # Out of place: an in-place clamp has no vmap batching rule (VanillaESTrainer warned).
+        return ((x - self.mean) / self.std).clamp(-self.clip, self.clip)
 
     @torch.no_grad()
     def sample_stats(self, batch: torch.Tensor | np.ndarray) -> tuple[int, torch.Tensor]:
@@ -458,6 +459,15 @@ def make_policy(
     hidden_sizes: Sequence[int] = (64, 64),
     activation: str = "tanh",
     normalize_obs: bool = True,
+    seed: int | None = None,
 ) -> Policy:
-    """Build an MLP policy for the given single-env spaces."""
-    return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)
+    """Build an MLP policy for the given single-env spaces.
+
+    ``seed`` draws the initial weights from their own generator (same seed, same weights);
+    None draws them from torch's global generator.
+    """
+    if seed is None:
+        return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Policy(observation_space, action_space, hidden_sizes, activation, normalize_obs)

@@ -51,6 +51,7 @@ __all__ = [
     "apply_overrides",
     "check_env_id",
     "default_presets_dir",
+    "dependency_hint",
     "dump_preset",
     "list_presets",
     "load_preset",
@@ -58,6 +59,7 @@ __all__ = [
     "preset_path",
     "save_preset",
     "similar_env_ids",
+    "split_env_id",
 ]
 
 PRESETS_DIR_ENV = "EGGROLL_RL_PRESETS_DIR"
@@ -294,7 +296,11 @@ def _resolve_key(key: str) -> tuple[str | None, str]:
     close = difflib.get_close_matches(norm, candidates, n=3, cutoff=0.6)
     if not close and "." in norm:
         close = difflib.get_close_matches(norm.rpartition(".")[2], candidates, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see `eggroll-rl envs` / README"
+    hint = (
+        f"; did you mean {', '.join(close)}?"
+        if close
+        else f"; valid keys: {', '.join(preset_keys(include_measured=False))}"
+    )
     raise PresetError(f"unknown key {key!r}{hint}")
 
 
@@ -672,26 +678,92 @@ def save_preset(preset: Preset, path: str | os.PathLike[str] | None = None) -> P
 # Env ids
 
 
-def similar_env_ids(env_id: str, candidates: Iterable[str] | None = None) -> list[str]:
-    """Return up to three ids close to ``env_id`` (default candidates: gymnasium's registry)."""
-    if candidates is None:
-        import gymnasium as gym
+def split_env_id(env_id: str) -> str:
+    """Return the registry id of ``env_id``, importing ``module`` first for ``module:EnvId``.
 
-        candidates = gym.registry
-    names = list(candidates)
-    close = difflib.get_close_matches(env_id, names, n=3, cutoff=0.5)
+    ``module:EnvId`` is Gymnasium's own form (``gym.make`` accepts it): importing the module
+    registers the env. Raises PresetError (one line) when the module cannot be imported.
+    """
+    if ":" not in env_id:
+        return env_id
+    import importlib
+
+    module, _, name = env_id.partition(":")
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # the user's module may fail in any way while registering
+        raise PresetError(
+            f"env id {env_id!r}: cannot import module {module!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    return name
+
+
+# Which of our extras (or which package) brings what an environment family needs.
+_EXTRAS = {"box2d": "pip install 'eggroll-rl[box2d]'", "mujoco": "pip install 'eggroll-rl[mujoco]'"}
+_PACKAGES = {"jax": "pip install jax", "envpool": "pip install 'eggroll-rl[envpool]'"}
+
+
+def dependency_hint(exc: BaseException) -> str:
+    """Turn a missing-dependency error into one line naming what to install."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    lowered = f"{first} {getattr(exc, 'name', '') or ''}".lower()
+    for key, command in {**_EXTRAS, **_PACKAGES}.items():
+        if key in lowered:
+            return f"needs {key}, which is not installed: {command} ({first})"
+    return f"a dependency is missing: {first}"
+
+
+def _missing_dependency(env_id: str) -> str | None:
+    """Return what ``env_id`` needs that is not installed (None when its entry point imports)."""
+    import importlib
+
+    import gymnasium as gym
+
+    entry = gym.registry[env_id].entry_point
+    if not isinstance(entry, str):
+        return None
+    try:
+        importlib.import_module(entry.partition(":")[0])
+    except (ImportError, gym.error.DependencyNotInstalled) as exc:
+        return dependency_hint(exc)
+    except Exception:  # anything else is the env's own business, reported when it is made
+        return None
+    return None
+
+
+def similar_env_ids(env_id: str, candidates: Iterable[str] | None = None) -> list[str]:
+    """Return up to three ids close to ``env_id`` that can run here (default: gymnasium's registry).
+
+    Registry ids whose dependencies are missing (``phys2d/*`` without jax) are left out.
+    """
+    import gymnasium as gym
+
+    registry = candidates is None
+    names = list(gym.registry if candidates is None else candidates)
+    close = difflib.get_close_matches(env_id, names, n=10, cutoff=0.5)
     if not close:  # a case slip ("cartpole-v1") is too far for difflib on the raw strings
         lowered = {k.lower(): k for k in names}
-        close = [lowered[k] for k in difflib.get_close_matches(env_id.lower(), lowered, n=3)]
-    return close
+        close = [lowered[k] for k in difflib.get_close_matches(env_id.lower(), lowered, n=10)]
+    if registry:
+        close = [c for c in close if _missing_dependency(c) is None]
+    return close[:3]
 
 
 def check_env_id(env_id: str) -> None:
-    """Raise PresetError when gymnasium does not know ``env_id``, suggesting close matches."""
+    """Raise PresetError unless ``env_id`` (or ``module:EnvId``) is registered and can run here.
+
+    The message suggests close matches for an unknown id, and names what to install for an id
+    whose dependencies are missing.
+    """
     import gymnasium as gym
 
-    if env_id in gym.registry:
+    name = split_env_id(env_id)
+    if name in gym.registry:
+        missing = _missing_dependency(name)
+        if missing is not None:
+            raise PresetError(f"{env_id} {missing}")
         return
-    close = similar_env_ids(env_id)
+    close = similar_env_ids(name)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise PresetError(f"unknown environment {env_id!r}{hint}")

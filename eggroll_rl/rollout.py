@@ -47,15 +47,17 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
 from .population import BatchedFitness, Population
-from .presets import similar_env_ids
+from .presets import similar_env_ids, split_env_id
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_MAX_EPISODE_STEPS",
     "EnvpoolVectorEnv",
     "EpisodeBatch",
     "EvalResult",
     "RolloutFitness",
     "derive_seed",
+    "episode_cap",
     "episode_seed",
     "evaluate",
     "make_vec_env",
@@ -64,6 +66,8 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "sync", "async", "vector_entry_point", "envpool")
+# The episode cap of an env registered without max_episode_steps (a warning says it was applied).
+DEFAULT_MAX_EPISODE_STEPS = 1000
 
 # Seed domains, so training, evaluation and sampling streams never coincide.
 _TRAIN, _EVAL, _SAMPLE, _ACT, _IDLE = 0, 1, 2, 3, 4
@@ -95,13 +99,41 @@ def _find_spec(env_id: str | gym.envs.registration.EnvSpec) -> gym.envs.registra
     """Look up an env id (``module:Name-vN`` imports the module first) or raise ValueError."""
     if isinstance(env_id, gym.envs.registration.EnvSpec):
         return env_id
+    name = split_env_id(env_id)
     try:
-        return gym.spec(env_id)
+        return gym.spec(name)
     except gym.error.Error as exc:
-        name = env_id.split(":")[-1]
         raise ValueError(
             f"Unknown environment id {env_id!r} ({exc}).{_close_matches(name, gym.registry)}"
         ) from exc
+
+
+_warned_uncapped: set[str] = set()
+
+
+def episode_cap(env: str | gym.envs.registration.EnvSpec, max_episode_steps: int | None = None) -> int:
+    """Return the episode cap (steps) every rollout of ``env`` uses.
+
+    ``max_episode_steps`` when given, else the spec's ``max_episode_steps``, else
+    :data:`DEFAULT_MAX_EPISODE_STEPS` with a one-time warning (an env that never terminates
+    would otherwise never end an episode). Raises ValueError for an unknown id or a cap < 1.
+    """
+    if max_episode_steps is not None:
+        if isinstance(max_episode_steps, bool) or int(max_episode_steps) < 1:
+            raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}.")
+        return int(max_episode_steps)
+    spec = _find_spec(env)
+    if spec.max_episode_steps is not None:
+        return int(spec.max_episode_steps)
+    if spec.id not in _warned_uncapped:
+        _warned_uncapped.add(spec.id)
+        warnings.warn(
+            f"{spec.id} is registered without max_episode_steps: capping its episodes at "
+            f"{DEFAULT_MAX_EPISODE_STEPS} steps (set max_episode_steps / rollout.max_episode_steps)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return DEFAULT_MAX_EPISODE_STEPS
 
 
 def make_vec_env(
@@ -121,7 +153,8 @@ def make_vec_env(
     uses the env's native vector implementation when it has one (CartPole) and otherwise
     ``SyncVectorEnv`` (the choice is logged at INFO); ``sync``/``async``/``vector_entry_point``
     force one; ``envpool`` needs the ``envpool`` extra. `seed` is only used by backends seeded
-    at construction (envpool).
+    at construction (envpool). Episodes are capped at :func:`episode_cap` steps (a
+    ``TimeLimit``: truncation).
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {list(BACKENDS)}.")
@@ -139,11 +172,15 @@ def make_vec_env(
             f"env must be an env id, a VectorEnv or a callable returning one, got {type(env).__name__}."
         )
     mode = None if autoreset_mode is None else AutoresetMode(autoreset_mode)
-    if max_episode_steps is not None:
-        env_kwargs["max_episode_steps"] = int(max_episode_steps)
     if backend == "envpool":
+        if max_episode_steps is not None:
+            env_kwargs["max_episode_steps"] = int(max_episode_steps)
         return _make_envpool(env if isinstance(env, str) else env.id, num_envs, mode, seed, env_kwargs)
     spec = _find_spec(env)
+    # One episode cap for every env built from an id: the given one, the spec's, or the default.
+    cap = episode_cap(spec, max_episode_steps)
+    if cap != spec.max_episode_steps:
+        env_kwargs["max_episode_steps"] = cap
     if backend in ("auto", "vector_entry_point") and spec.vector_entry_point is not None:
         vec = gym.make_vec(spec, num_envs, vectorization_mode="vector_entry_point", **env_kwargs)
         native = vec.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
@@ -220,6 +257,17 @@ class EnvpoolVectorEnv(VectorEnv):
             close()
 
 
+def _import_envpool() -> Any:
+    try:
+        import envpool
+    except ImportError as exc:
+        raise ImportError(
+            "backend='envpool' needs envpool, which is not installed: pip install 'eggroll-rl[envpool]'",
+            name="envpool",
+        ) from exc
+    return envpool
+
+
 def _make_envpool(
     env_id: str,
     num_envs: int,
@@ -227,10 +275,7 @@ def _make_envpool(
     seed: int | None,
     env_kwargs: dict[str, Any],
 ) -> VectorEnv:
-    try:
-        import envpool
-    except ImportError as exc:
-        raise ImportError("backend='envpool' needs envpool: pip install 'eggroll-rl[envpool]'") from exc
+    envpool = _import_envpool()
     if mode not in (None, AutoresetMode.NEXT_STEP):
         raise ValueError(f"envpool only supports autoreset_mode=NEXT_STEP, not {mode}.")
     available = envpool.list_all_envs()
@@ -571,6 +616,8 @@ class RolloutFitness(BatchedFitness):
             raise ValueError(f"Unknown backend {backend!r}; choose one of {list(BACKENDS)}.")
         if isinstance(env, str) and backend != "envpool":
             _find_spec(env)  # fail fast on a mistyped id
+        if backend == "envpool":
+            _import_envpool()  # fail fast, before any work, when it is not installed
         self.env_spec = env
         self.episodes_per_member = int(episodes_per_member)
         self.max_episode_steps = max_episode_steps

@@ -5,21 +5,23 @@ This is what ``eggroll-rl train`` runs, as a library function the CLI, benchmark
     from eggroll_rl.presets import load_preset
     from eggroll_rl.run import train
 
-    result = train(load_preset("CartPole-v1"), out="agents")
+    result = train(load_preset("CartPole-v1"), out="runs")  # -> runs/CartPole-v1 (or _2, _3, ...)
     print(result.results["mean"], result.directory)
 
 A run steps the trainer generation by generation. Every ``eval.every`` generations it evaluates
 the center policy on fresh episodes (seeds derived from the run seed and the generation, under
-the env's own time limit) and stops once the mean reaches the target (the preset's, else the env
+the run's one episode cap) and stops once the mean reaches the target (the preset's, else the env
 spec's ``reward_threshold``). Every ``run.checkpoint_every`` generations, and whenever it stops,
 it writes a checkpoint (the full trainer state plus the run's own rows) into the agent directory;
 ``resume=True`` continues from it exactly: the resumed run's parameters and history equal an
 uninterrupted run's. At the end it evaluates the center once more (unless the last periodic
 evaluation was of this very center) and writes the agent atomically.
 
-Ctrl-C (SIGINT) asks the run to stop after the current generation: it then checkpoints, evaluates
-and saves like any other stop. A second Ctrl-C aborts at once, keeping the last checkpoint. A
-``KeyboardInterrupt`` raised between generations (e.g. by ``callback``) counts as the first kind.
+Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the run to stop after the current generation (said at
+once on stderr): it then checkpoints, evaluates and saves like any other stop, except that it
+never replaces an agent already in its directory. A second signal aborts at once, keeping the
+last checkpoint. A ``KeyboardInterrupt`` raised between generations (e.g. by ``callback``)
+counts as the first kind.
 
 Under ``torch.distributed`` (``--nproc``, torchrun) every rank runs this same function; rank 0
 alone evaluates, prints and writes, and its stop decision is broadcast so all ranks stop together.
@@ -40,11 +42,14 @@ from typing import Any, Protocol
 import torch
 
 from eggroll_rl.agents import (
+    POLICY_FILE,
     AgentError,
-    agent_dir,
+    CheckpointError,
     checkpoint_path,
+    latest_checkpoint_dir,
     load_checkpoint,
     make_results,
+    run_directory,
     save_agent,
     save_checkpoint,
 )
@@ -87,6 +92,8 @@ class RunError(ValueError):
 class RunInterrupted(KeyboardInterrupt):
     """A second Ctrl-C stopped the run mid-generation; nothing new was saved."""
 
+    signum: int = signal.SIGINT
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -116,6 +123,9 @@ class RunResult:
     env_steps: int
     seconds: float
     rows: list[dict[str, Any]] = field(default_factory=list)
+    saved: bool = True  # False: an interrupted run left the agent already in ``directory`` as it was
+    signum: int | None = None  # the signal that interrupted the run
+    notes: list[str] = field(default_factory=list)  # where files went when the intended place failed
 
 
 class Progress(Protocol):
@@ -237,7 +247,7 @@ def resume_preset(
 
     Only :data:`RESUMABLE_KEYS` may change; anything else raises RunError naming the key.
     """
-    path = checkpoint_path(agent_dir(env_id, out))
+    path = checkpoint_path(_resume_directory(env_id, out))
     state = load_checkpoint(path)
     config = state.get("run", {}).get("config") if isinstance(state.get("run"), dict) else None
     if not isinstance(config, dict):
@@ -267,34 +277,78 @@ def resume_preset(
     return preset
 
 
+def _resume_directory(env_id: str, out: str | Path) -> Path:
+    """Return the run directory of ``env_id`` under ``out`` whose checkpoint ``--resume`` continues."""
+    found = latest_checkpoint_dir(env_id, out)
+    if found is None:
+        raise CheckpointError(f"no checkpoint for {env_id} under {out}/ to resume (train without --resume)")
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 
+# The signals that stop a run after the current generation (the launcher forwards the same ones).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
 
 class StopRequest:
-    """First SIGINT: ask the loop to stop after this generation; a second one: abort at once."""
+    """First SIGINT/SIGTERM/SIGHUP: stop after this generation (said at once); a second: abort.
 
-    def __init__(self) -> None:
+    ``signum`` is the first signal received (None: none), so a caller can exit with 128 + it.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
         # Signal handlers can only be installed from the main thread; elsewhere Ctrl-C stays a
         # plain KeyboardInterrupt, which the loop still handles between generations.
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise SignalInterrupt(signum)
         self.requested = True
+        self.signum = signum
+        if self.announce and _is_main_process():
+            import os
+
+            name = signal.Signals(signum).name
+            again = "Ctrl-C" if signum == signal.SIGINT else f"another {name}"
+            # os.write, not print: a signal handler must not re-enter a buffered stream.
+            os.write(
+                2,
+                f"\n{name}: stopping after the current generation, then saving "
+                f"({again} aborts at once)\n".encode(),
+            )
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """A stop signal that must take effect at once; ``signum`` says which (exit 128 + signum)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def evaluation_due(preset: Preset, generation: int, mean_fitness: float) -> bool:
@@ -314,12 +368,13 @@ def _evaluate_center(trainer: Any, preset: Preset) -> Any:
 
     policy = trainer.get_center_model()
     policy.eval()
-    # The env's own time limit, not the training cap: the solved test is the standard one.
+    # The run's one episode cap (rollout.max_episode_steps, else the env's own limit).
     return evaluate(
         policy,
         preset.env_id,
         episodes=preset.eval.episodes,
         seed=_eval_seed(preset.trainer.seed, trainer.generation),
+        max_episode_steps=preset.rollout.max_episode_steps,
         backend=preset.rollout.backend,
     )
 
@@ -330,28 +385,40 @@ def _finite(value: float) -> float | None:
 
 def train(
     preset: Preset,
-    out: str | Path = "agents",
+    out: str | Path = "runs",
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: Progress | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
 ) -> RunResult:
     """Run training as ``preset`` describes and save the agent under ``out``; return how it ended.
 
-    ``callback(row)`` runs after every generation (on every rank); returning True stops the run.
-    ``resume`` continues from ``out``'s checkpoint for this env (the preset must match it; see
-    :func:`resume_preset`). Raises :class:`RunInterrupted` on a second Ctrl-C.
+    The agent goes to ``out/ENV_ID`` when that is free, else to the first free ``out/ENV_ID_N``
+    (:func:`~eggroll_rl.agents.run_directory`), so no earlier agent or checkpoint is replaced;
+    ``overwrite=True`` replaces ``out/ENV_ID`` once the run finishes. ``resume`` continues the
+    newest checkpoint of this env under ``out`` in its own directory (the preset must match it;
+    see :func:`resume_preset`). An interrupted run saves its checkpoint but never replaces an
+    agent already in its directory. The destination is checked writable before any work
+    (RunError); if writing fails at the end, the files go to a temporary directory instead and
+    ``RunResult.notes`` says where. ``callback(row)`` runs after every generation (on every rank);
+    returning True stops the run. Raises :class:`RunInterrupted` on a second Ctrl-C.
     """
     from eggroll_rl.distributed import World
 
     preset = preset.validate()
-    directory = agent_dir(preset.env_id, out)
+    world0 = World.current()
+    directory = world0.on_main(_prepare_directory, preset.env_id, out, resume, overwrite)
+    if world0.size > 1:
+        directory = world0.broadcast_object(directory)
+    assert directory is not None
     ckpt_file = checkpoint_path(directory)
     device = resolve_device(preset.run.device)
     target = resolve_target(preset)
     trainer = build_trainer(preset, device)
     world: World = trainer.world
     say: Callable[[str], None] = progress.message if (progress is not None and world.is_main) else _quiet
+    notes: list[str] = []
 
     rows: list[dict[str, Any]] = []
     elapsed_before = 0.0
@@ -367,7 +434,7 @@ def train(
         elapsed_before = float(run_state.get("elapsed", 0.0))
         eval_steps = int(run_state.get("eval_env_steps", 0))
     elif ckpt_file.exists():
-        say(f"note: starting afresh; {ckpt_file} will be replaced (use --resume to continue it)")
+        say(f"note: starting afresh; {ckpt_file} will be replaced (--overwrite)")
 
     budget = preset.trainer.generations
     if trainer.generation >= budget:
@@ -381,18 +448,19 @@ def train(
     max_seconds = preset.run.max_seconds
 
     def checkpoint() -> None:
-        save_checkpoint(
-            ckpt_file,
-            {
-                "trainer": trainer.state_dict(),
-                "run": {
-                    "config": config,
-                    "rows": rows,
-                    "elapsed": elapsed,
-                    "eval_env_steps": eval_steps,
-                    "world_size": world.size,
-                },
+        nonlocal ckpt_file
+        state = {
+            "trainer": trainer.state_dict(),
+            "run": {
+                "config": config,
+                "rows": rows,
+                "elapsed": elapsed,
+                "eval_env_steps": eval_steps,
+                "world_size": world.size,
             },
+        }
+        ckpt_file = _write_or_fallback(
+            lambda path: save_checkpoint(path, state), ckpt_file, directory, notes, say
         )
 
     if progress is not None and world.is_main:
@@ -503,31 +571,78 @@ def train(
                 stopped,
                 directory,
                 say,
+                notes,
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         last = _checkpoint_generation(ckpt_file)
         where = f"the checkpoint at generation {last} is intact" if last is not None else "no checkpoint yet"
-        raise RunInterrupted(f"interrupted mid-generation: stopped without saving; {where}") from None
+        error = RunInterrupted(f"interrupted mid-generation: stopped without saving; {where}")
+        error.signum = getattr(exc, "signum", signal.SIGINT)
+        raise error from None
     finally:
         close = getattr(fitness, "close", None)
         if close is not None:
             close()
         if progress is not None and world.is_main:
             progress.close()
+    final = results or {}
     return RunResult(
-        directory=directory,
+        directory=Path(final.pop("_directory", directory)),
         checkpoint=ckpt_file,
-        results=results or {},
+        results=final,
         stopped=stopped,
         generations=trainer.generation,
         env_steps=int(getattr(fitness, "total_env_steps", 0)),
         seconds=elapsed,
         rows=rows,
+        saved=bool(final.pop("_saved", True)),
+        signum=stop.signum if stopped == "interrupted" else None,
+        notes=notes,
     )
 
 
 def _quiet(text: str) -> None:
     pass
+
+
+def _prepare_directory(env_id: str, out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Pick the run's directory and check, before any work, that files can be written there."""
+    from eggroll_rl.atomic import check_writable_dir
+
+    directory = _resume_directory(env_id, out) if resume else run_directory(env_id, out, overwrite=overwrite)
+    try:
+        check_writable_dir(directory)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RunError(f"--out {out}: cannot write the agent to {directory} ({reason})") from None
+    return directory
+
+
+def _write_or_fallback(
+    write: Callable[[Path], Any],
+    path: Path,
+    directory: Path,
+    notes: list[str],
+    say: Callable[[str], None],
+) -> Path:
+    """Write ``path`` with ``write``; when that fails, write it to a temporary directory instead.
+
+    Returns where it went; the detour is appended to ``notes`` (and said) as one line.
+    """
+    import tempfile
+
+    try:
+        write(path)
+        return path
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix=f"eggroll-rl-{directory.name}-")) / path.name
+        write(fallback)
+        line = (
+            f"could not write {path} ({exc.strerror or type(exc).__name__}); saved it to {fallback} instead"
+        )
+        notes.append(line)
+        say(line)
+        return fallback
 
 
 def _checkpoint_generation(path: Path) -> int | None:
@@ -548,8 +663,13 @@ def _finish(
     stopped: str,
     directory: Path,
     say: Callable[[str], None],
+    notes: list[str],
 ) -> dict[str, Any]:
-    """Evaluate the final center (unless just done) and write the agent; return its results."""
+    """Evaluate the final center (unless just done) and write the agent; return its results.
+
+    An interrupted run leaves an agent already in ``directory`` as it was. When the agent
+    cannot be written to ``directory`` it goes to a temporary directory (said in ``notes``).
+    """
     gen = trainer.generation
     if last_eval is not None and last_eval[0] == gen:
         result = last_eval[1]
@@ -577,14 +697,21 @@ def _finish(
         world_size=trainer.world.size,
         device=str(trainer.device),
     )
-    save_agent(
-        directory,
-        policy=trainer.get_center_model(),
-        config=preset.to_config(),
-        history=history,
-        results=results,
-    )
-    return results
+    if stopped == "interrupted" and (directory / POLICY_FILE).exists():
+        say(f"Interrupted: the agent in {directory} is left as it was (the checkpoint holds this run)")
+        return {**results, "_saved": False, "_directory": str(directory)}
+
+    def write(dest: Path) -> None:
+        save_agent(
+            dest,
+            policy=trainer.get_center_model(),
+            config=preset.to_config(),
+            history=history,
+            results=results,
+        )
+
+    where = _write_or_fallback(write, directory, directory, notes, say)
+    return {**results, "_directory": str(where)}
 
 
 def train_worker(
@@ -592,6 +719,7 @@ def train_worker(
     out: str,
     resume: bool = False,
     progress: str = "none",
+    overwrite: bool = False,
 ) -> RunResult:
     """Run :func:`train` in a launched process (``--nproc``); ``progress`` names the display."""
     from eggroll_rl.distributed import World
@@ -601,4 +729,4 @@ def train_worker(
         from eggroll_rl.progress import make_progress
 
         display = make_progress(progress)
-    return train(preset, out, resume=resume, progress=display)
+    return train(preset, out, resume=resume, overwrite=overwrite, progress=display)

@@ -104,14 +104,18 @@ def record_episode(
 ) -> Recording:
     """Play one deterministic episode of ``policy`` on ``env_id`` and write it to ``path`` (mp4).
 
-    The video is encoded into a private temporary directory beside ``path`` and moved into place
-    atomically, so ``path`` is either the old file or the complete new one. MuJoCo envs on a
-    headless machine render through EGL or OSMesa (:func:`choose_mujoco_gl`); RenderBackendError
-    when neither works.
+    The episode ends at ``max_steps`` (default: the env's own limit, else the default cap of
+    :func:`eggroll_rl.rollout.episode_cap`), the same cap training and evaluation use. Raises
+    ValueError when the env cannot render rgb_array frames; MuJoCo envs on a headless machine
+    render through EGL or OSMesa (:func:`choose_mujoco_gl`), RenderBackendError when neither
+    works. The video is encoded into a private temporary directory beside ``path`` and moved
+    into place atomically, so ``path`` is either the old file or the complete new one.
     """
     import gymnasium as gym
     from gymnasium.vector.utils import concatenate, create_empty_array
     from gymnasium.wrappers import RecordVideo
+
+    from eggroll_rl.rollout import _find_spec, episode_cap
 
     # pygame (classic-control rendering) needs no display for rgb_array frames; without this
     # SDL may complain about the session (XDG_RUNTIME_DIR) on headless machines.
@@ -120,10 +124,13 @@ def record_episode(
         choose_mujoco_gl()
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    spec = _find_spec(env_id)
+    cap = episode_cap(spec, max_steps)
+    kwargs = {} if cap == spec.max_episode_steps else {"max_episode_steps": cap}
     work = Path(tempfile.mkdtemp(prefix=".record-", dir=dest.parent))
     try:
         env = RecordVideo(
-            gym.make(env_id, render_mode="rgb_array"),
+            gym.make(spec, render_mode="rgb_array", **kwargs),
             video_folder=str(work / "video"),  # a fresh folder: RecordVideo warns about existing ones
             episode_trigger=lambda episode: episode == 0,
             name_prefix="episode",
@@ -136,7 +143,7 @@ def record_episode(
             obs, _ = env.reset(seed=seed)
             done = False
             with torch.no_grad():
-                while not done and (max_steps is None or steps < max_steps):
+                while not done:
                     # The policy takes batched observations: make a batch of one.
                     batch = concatenate(space, [obs], create_empty_array(space, 1))
                     x = policy.preprocess(batch).to(device)
@@ -153,8 +160,19 @@ def record_episode(
         videos = sorted(work.glob("video/*.mp4"))
         if not videos:
             raise RuntimeError(f"RecordVideo wrote no video for {env_id} (did the env render frames?)")
+        frames = _count_frames(videos[0], frames)
         with atomic_path(dest) as tmp:
             shutil.move(videos[0], tmp)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Recording(path=dest, frames=frames, episode_return=total, length=steps)
+
+
+def _count_frames(path: Path, recorded: int) -> int:
+    """Return how many frames the mp4 at ``path`` holds (``recorded`` when it cannot be decoded)."""
+    try:
+        import imageio.v3 as iio
+
+        return sum(1 for _ in iio.imiter(path))
+    except Exception:  # imageio comes with moviepy; a decoder problem must not lose the video
+        return recorded

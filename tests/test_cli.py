@@ -87,7 +87,8 @@ def test_train_cartpole_end_to_end_writes_an_honest_agent(trained: tuple[Path, s
     # re-evaluating the saved policy with the recorded seed reproduces the recorded returns.
     assert results["generations"] == len(rows) == int(rows[-1]["generation"]) < 60
     assert results["env_steps"] == int(rows[-1]["env_steps"]) > 0
-    assert 0 < results["seconds"] == pytest.approx(float(rows[-1]["time"]), abs=0.5)
+    # seconds include the final evaluation, the last row's time does not (no timing compared).
+    assert 0 < float(rows[-1]["time"]) <= results["seconds"]
     assert float(rows[-1]["eval_mean"]) == results["mean"]
     again = evaluate(load_policy(directory), "CartPole-v1", episodes=100, seed=results["eval_seed"])
     assert again.mean == results["mean"] and again.std == pytest.approx(results["std"])
@@ -201,7 +202,8 @@ def test_library_run_interrupts_between_and_within_generations(tmp_path: Path) -
     assert load_agent(result.directory).results["generations"] == 3
 
     # Within a generation the trainer may be half-updated: nothing new is saved, the last
-    # periodic checkpoint (generation 2) stays, and the old agent is untouched.
+    # periodic checkpoint (generation 2) stays, and the old agent is untouched. The new run
+    # goes to its own directory (CartPole-v1_2): the first run's is never reused.
     calls = {"n": 0}
     from eggroll_rl.rollout import RolloutFitness
 
@@ -221,7 +223,10 @@ def test_library_run_interrupts_between_and_within_generations(tmp_path: Path) -
     finally:
         RolloutFitness.__call__ = original
     assert (result.directory / "policy.safetensors").read_bytes() == before
-    assert load_checkpoint(result.checkpoint)["trainer"]["generation"] == 2
+    assert load_checkpoint(result.checkpoint)["trainer"]["generation"] == 3
+    second = result.directory.with_name("CartPole-v1_2")
+    assert load_checkpoint(second / "checkpoint.pt")["trainer"]["generation"] == 2
+    assert not (second / "policy.safetensors").exists()
 
 
 def test_envs_table_and_plot(

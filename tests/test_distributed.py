@@ -205,7 +205,8 @@ def test_hung_rank_times_out():
 
 def test_torchrun_entry_point_matches_single_process():
     script = ROOT / "tests" / "torchrun_train.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    # This checkout's eggroll_rl, not whichever one is installed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     cmd = [
         sys.executable,
         "-m",

@@ -1,0 +1,510 @@
+"""The runner under faults, signals and bad input (issue 11): nothing lost, nothing hangs.
+
+Commands that could hang run in a subprocess with a timeout; signals are real (``os.kill``).
+The tiny envs live in ``tests/endless_env.py`` (registered without ``max_episode_steps``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eggroll_rl.agents import load_agent, load_checkpoint
+from eggroll_rl.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+TINY = ["--population", "8", "--set", "eval.episodes=2", "--set", "hidden_sizes=4", "--no-progress"]
+ENDLESS = "endless_env:EggrollTest/Endless-v0"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """Run ``eggroll-rl ARGS`` in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def env_vars(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "EGGROLL_RL_AGENTS_DIR"}
+    return {**env, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EGGROLL_RL_AGENTS_DIR", raising=False)
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+# -- 1. losing work ----------------------------------------------------------------------------------
+
+
+def test_training_never_replaces_an_existing_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shipped = ROOT / "agents" / "CartPole-v1"
+    (tmp_path / "agents").mkdir()
+    import shutil
+
+    shutil.copytree(shipped, tmp_path / "agents" / "CartPole-v1")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "agents" / "CartPole-v1").iterdir()}
+    args = ["train", "CartPole-v1", "--generations", "2", *TINY]
+
+    code, out, err = cli(capsys, *args)  # the README's command, from a checkout
+    assert code == 0, err
+    assert "Saved the agent to runs/CartPole-v1 " in out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "agents" / "CartPole-v1").iterdir()} == before
+
+    code, out, err = cli(capsys, *args, "--seed", "1")  # a second run gets its own directory
+    assert code == 0, err
+    assert "Saved the agent to runs/CartPole-v1_2 " in out
+    assert load_agent("runs/CartPole-v1").config["trainer"]["seed"] == 0
+    assert load_agent("runs/CartPole-v1_2").config["trainer"]["seed"] == 1
+
+    # eval ENV takes the newest agent of that env (runs/ before the shipped agents/).
+    code, out, err = cli(capsys, "eval", "CartPole-v1", "--episodes", "1")
+    assert code == 0 and "(runs/CartPole-v1_2)" in out, err
+
+    code, out, err = cli(capsys, *args, "--seed", "2", "--overwrite")
+    assert code == 0 and "Saved the agent to runs/CartPole-v1 " in out, err
+    assert load_agent("runs/CartPole-v1").config["trainer"]["seed"] == 2
+    assert not Path("runs/CartPole-v1_3").exists()
+
+
+def test_interrupted_run_keeps_the_existing_agent_and_its_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eggroll_rl.presets import apply_overrides, load_preset
+    from eggroll_rl.run import train
+
+    preset = apply_overrides(
+        load_preset("CartPole-v1"),
+        {"population": 8, "generations": 6, "eval.every": 0, "eval.episodes": 2, "hidden_sizes": [4]},
+    )
+    first = train(preset, "runs")
+    policy = (first.directory / "policy.safetensors").read_bytes()
+
+    def stop_at_2(row):
+        if row["generation"] == 2:
+            raise KeyboardInterrupt
+
+    again = train(apply_overrides(preset, {"seed": 5}), "runs", overwrite=True, callback=stop_at_2)
+    assert again.stopped == "interrupted" and not again.saved and again.directory == first.directory
+    assert (first.directory / "policy.safetensors").read_bytes() == policy  # the agent is untouched
+    assert load_agent(first.directory).config["trainer"]["seed"] == 0
+    assert load_checkpoint(first.directory / "checkpoint.pt")["trainer"]["generation"] == 2
+
+
+@pytest.mark.parametrize("where", ["/proc/eggroll-x", "{file}/sub"])
+def test_unwritable_out_fails_before_any_work(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("a regular file")
+    out_dir = where.format(file=tmp_path / "file")
+    code, out, err = cli(capsys, "train", "CartPole-v1", "--out", out_dir, *TINY)
+    assert code == 2
+    assert "cannot write the agent to" in one_error_line(err)
+    assert "Training" not in out  # nothing trained
+
+
+def test_other_output_paths_are_checked_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "file").write_text("a regular file")
+    shipped = str(ROOT / "agents" / "CartPole-v1")
+    from eggroll_rl import rollout
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated before checking the destination")
+
+    monkeypatch.setattr(rollout, "evaluate", no_evaluation)
+    code, _, err = cli(capsys, "eval", shipped, "--record", "--video-dir", tmp_path / "file" / "v")
+    assert code == 2 and "--video-dir: cannot write" in one_error_line(err)
+    code, _, err = cli(capsys, "plot", shipped, "-o", tmp_path / "file" / "x.png")
+    assert code == 2 and "--output: cannot write" in one_error_line(err)
+
+
+def test_a_failed_write_at_the_end_keeps_the_agent_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eggroll_rl import agents, run
+
+    real = agents.save_agent
+
+    def disk_full(directory, **kwargs):
+        if Path(directory).parent.name == "runs":
+            raise OSError(28, "No space left on device")
+        return real(directory, **kwargs)
+
+    monkeypatch.setattr(run, "save_agent", disk_full)
+    code, out, err = cli(capsys, "train", "CartPole-v1", "--generations", "1", *TINY)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("warning: could not write"))
+    assert "No space left on device" in line
+    saved = Path(line.rsplit("saved it to ", 1)[1].removesuffix(" instead"))
+    assert saved != Path("runs/CartPole-v1") and load_agent(saved).env_id == "CartPole-v1"
+    assert f"Saved the agent to {saved}" in out
+
+
+# -- 3. episodes that never end ------------------------------------------------------------------------
+
+
+def test_endless_env_trains_evaluates_and_records_under_one_cap(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "eggroll_rl"]
+    done = subprocess.run(
+        [*base, "train", ENDLESS, "--generations", "1", *TINY],
+        capture_output=True,
+        text=True,
+        env=env_vars(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "capping its episodes at 1000 steps" in done.stderr
+    agent = load_agent(tmp_path / "runs" / "endless_env:EggrollTest__Endless-v0")
+    assert agent.results["mean"] == 1000.0  # reward 1 per step, cut at the default cap
+    # A run's own cap holds everywhere: training, the final evaluation, eval, recording.
+    done = subprocess.run(
+        [*base, "train", ENDLESS, "--generations", "1", "--set", "rollout.max_episode_steps=30", *TINY],
+        capture_output=True,
+        text=True,
+        env=env_vars(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    capped = tmp_path / "runs" / "endless_env:EggrollTest__Endless-v0_2"
+    assert load_agent(capped).results["mean"] == 30.0
+    done = subprocess.run(
+        [*base, "eval", capped, "--episodes", "2", "--record"],
+        capture_output=True,
+        text=True,
+        env=env_vars(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "30.00 +/- 0.00 over 2 episodes" in done.stdout
+    assert "frames (return 30.00)" in done.stdout
+    # The frame count said is the one the mp4 holds (30 steps, plus the reset frame if kept).
+    import imageio.v3 as iio
+
+    said = int(done.stdout.split("recorded ")[1].split(" frames")[0])
+    video = tmp_path / done.stdout.rsplit(" to ", 1)[1].strip()
+    assert said == sum(1 for _ in iio.imiter(video)) in (30, 31)
+
+
+def test_library_evaluate_and_rollout_cap_an_endless_env() -> None:
+    import endless_env  # noqa: F401
+    import gymnasium as gym
+
+    from eggroll_rl.policies import make_policy
+    from eggroll_rl.rollout import DEFAULT_MAX_EPISODE_STEPS, evaluate
+
+    env = gym.make("EggrollTest/Endless-v0")
+    policy = make_policy(env.observation_space, env.action_space, (4,))
+    result = evaluate(policy, "EggrollTest/Endless-v0", episodes=2, max_episode_steps=7)
+    assert result.returns.tolist() == [7.0, 7.0]
+    with pytest.warns(RuntimeWarning, match="without max_episode_steps"):
+        from eggroll_rl import rollout
+
+        rollout._warned_uncapped.discard("EggrollTest/Endless-v0")
+        result = evaluate(policy, "EggrollTest/Endless-v0", episodes=1)
+    assert result.returns.tolist() == [float(DEFAULT_MAX_EPISODE_STEPS)]
+
+
+# -- 4. a rank that raises ---------------------------------------------------------------------------------
+
+
+def _rollout_raises_on_rank_1() -> None:
+    import endless_env  # noqa: F401
+    import gymnasium as gym
+
+    from eggroll_rl import EGGROLLTrainer, RolloutFitness, make_policy
+
+    env = gym.make("EggrollTest/RaiseOnRank1-v0")
+    policy = make_policy(env.observation_space, env.action_space, (4,), normalize_obs=False)
+    fitness = RolloutFitness("EggrollTest/RaiseOnRank1-v0", max_episode_steps=10, obs_norm=False)
+    EGGROLLTrainer(policy, fitness, 8, 0.05, 0.1, seed=0).train(2)
+
+
+def test_a_rank_whose_rollout_raises_stops_every_rank_naming_it() -> None:
+    from eggroll_rl.distributed import DistributedError
+    from eggroll_rl.launch import run_distributed
+
+    # Rank 0 waits in the rollout's all-reduce while rank 1 raised inside the rollout: with a
+    # long timeout and grace, only a status exchange in every collective ends this with rank 1's
+    # own exception (before, rank 0 timed out and was blamed for "Connection closed by peer").
+    with pytest.raises(DistributedError) as info:
+        run_distributed(2, _rollout_raises_on_rank_1, timeout=300, grace=300)
+    assert info.value.failures.keys() == {1}
+    assert "RuntimeError: env exploded on rank 1" in str(info.value)
+    assert "rank 0 then stopped with: rank 1 failed: RuntimeError: env exploded" in "\n".join(
+        info.value.__notes__
+    )
+
+
+# -- 5. signals --------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    kids = [int(c) for c in text.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_training(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    # 60 generations: the plain log prints every 2nd, and the run is still going at the 2nd.
+    cmd = [sys.executable, "-u", "-m", "eggroll_rl", "train", "CartPole-v1", "--generations", "60"]
+    cmd += ["--set", "eval.stop_on_target=false", "--set", "eval.every=0", "--set", "run.checkpoint_every=0"]
+    cmd += [*TINY, *extra]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_vars(), cwd=tmp_path
+    )
+
+
+def _wait_for_line(proc: subprocess.Popen[str], text: str, seen: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(
+        f"never printed {text!r}: {''.join(seen)} {proc.stderr.read() if proc.stderr else ''}"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code", "nproc"), [(signal.SIGTERM, 143, 2), (signal.SIGHUP, 129, 1)])
+def test_signal_to_the_run_saves_and_exits_128_plus_signal(
+    sig: int, code: int, nproc: int, tmp_path: Path
+) -> None:
+    proc = _start_training(tmp_path, "--nproc", str(nproc))
+    seen: list[str] = []
+    try:
+        _wait_for_line(proc, "gen  2/", seen)
+        workers = _children(proc.pid)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(seen) + out
+    assert proc.returncode == code, (out, err)
+    assert "stopping after the current generation" in err and "Traceback" not in err
+    assert "Interrupted at generation" in out and "--resume" in out
+    generation = load_checkpoint(tmp_path / "runs" / "CartPole-v1" / "checkpoint.pt")["trainer"]["generation"]
+    assert 2 <= generation < 60
+    assert not [p for p in workers if _alive(p)]  # no worker outlives the launcher
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_launcher_start_up_is_an_interruption_not_a_rank_failure(tmp_path: Path) -> None:
+    proc = _start_training(tmp_path, "--nproc", "2")
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "rank 0 failed" not in err and "Traceback" not in err
+    assert not [p for p in workers if _alive(p)]
+
+
+# -- 6. one line, not a traceback -------------------------------------------------------------------------
+
+
+def test_optional_dependencies_say_what_to_install(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "envpool", None)
+    code, _, err = cli(capsys, "train", "CartPole-v1", "--set", "rollout.backend=envpool", *TINY)
+    assert code == 2 and "pip install 'eggroll-rl[envpool]'" in one_error_line(err)
+    code, _, err = cli(capsys, "train", "phys2d/CartPole-v1", *TINY)
+    assert code == 2 and "needs jax" in one_error_line(err) and "pip install jax" in err
+    # Suggestions name only ids that run here.
+    code, _, err = cli(capsys, "train", "CartPol-v1")
+    line = one_error_line(err)
+    assert code == 2 and "CartPole-v1" in line and "phys2d" not in line
+
+
+def test_record_without_rgb_array_and_no_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "train", "endless_env:EggrollTest/NoRender-v0", "--generations", "1", *TINY)
+    assert code == 0, err
+    code, out, err = cli(capsys, "eval", "endless_env:EggrollTest/NoRender-v0", "--record")
+    assert code == 2 and "cannot render rgb_array frames" in one_error_line(err)
+    assert "over" not in out  # checked before the evaluation
+    code, out, err = cli(capsys)
+    assert code == 0 and "Usage:" in out and "train" in out and "eval" in out and err == ""
+
+
+def test_nan_returns_in_the_final_evaluation_are_reported(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from eggroll_rl import run
+    from eggroll_rl.rollout import EvalResult
+
+    def nan_evaluation(trainer, preset):
+        returns = np.array([1.0, float("nan")])
+        return EvalResult(returns, np.array([1, 1]), float("nan"), float("nan"), 1.0)
+
+    monkeypatch.setattr(run, "_evaluate_center", nan_evaluation)
+    code, out, err = cli(capsys, "train", "CartPole-v1", "--generations", "1", *TINY)
+    assert code == 0, err
+    assert "no finite mean (1 non-finite returns)" in out and "not solved" in out
+    agent = load_agent("runs/CartPole-v1")  # the agent is written and loads
+    assert agent.results["mean"] is None and agent.results["non_finite_episodes"] == 1
+    assert agent.results["solved"] is False
+
+
+# -- 7. module:EnvId ------------------------------------------------------------------------------------
+
+
+def test_module_colon_env_id_everywhere(tmp_path: Path) -> None:
+    from eggroll_rl import RolloutFitness, evaluate, make_vec_env
+    from eggroll_rl.presets import check_env_id
+
+    sys.modules.pop("endless_env", None)  # the id itself must import the module
+    import gymnasium as gym
+
+    for name in ("EggrollTest/Endless-v0", "EggrollTest/NanReward-v0", "EggrollTest/NoRender-v0"):
+        gym.registry.pop(name, None)
+    gym.registry.pop("EggrollTest/RaiseOnRank1-v0", None)
+    check_env_id(ENDLESS)
+    vec = make_vec_env(ENDLESS, 2, max_episode_steps=3)
+    assert vec.num_envs == 2
+    vec.close()
+    RolloutFitness(ENDLESS, max_episode_steps=3)
+    from eggroll_rl.policies import make_policy
+
+    policy = make_policy(gym.spaces.Box(-1, 1, (2,)), gym.spaces.Discrete(2), (4,))
+    assert evaluate(policy, ENDLESS, episodes=1, max_episode_steps=4).returns.tolist() == [4.0]
+    from eggroll_rl.presets import PresetError
+
+    with pytest.raises(PresetError, match="cannot import module 'no_such_module_x'"):
+        check_env_id("no_such_module_x:Foo-v0")
+
+
+# -- smaller, same spirit ----------------------------------------------------------------------------------
+
+
+def test_plot_refuses_empty_history_and_other_envs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    monkeypatch.setenv("EGGROLL_RL_AGENTS_DIR", str(tmp_path / "runs"))  # not the shipped agents
+
+    shutil.copytree(ROOT / "agents" / "CartPole-v1", tmp_path / "runs" / "Acrobot-v1")
+    code, _, err = cli(capsys, "plot", "Acrobot-v1", "-o", tmp_path / "x.png")
+    assert code == 2 and "trained on CartPole-v1, not Acrobot-v1" in one_error_line(err)
+    empty = tmp_path / "empty-history"
+    shutil.copytree(ROOT / "agents" / "CartPole-v1", empty)
+    (empty / "history.csv").write_text("generation,mean_fitness\n")
+    code, _, err = cli(capsys, "plot", empty, "-o", tmp_path / "y.png")
+    assert code == 2 and "no history.csv rows to plot" in one_error_line(err)
+    assert not (tmp_path / "y.png").exists()
+    code, _, err = cli(capsys, "plot", tmp_path / "no" / "such" / "agent")
+    line = one_error_line(err)
+    assert code == 2 and "not a known env id" in line and "train" not in line
+
+
+def test_unknown_key_without_a_close_match_lists_the_valid_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "train", "CartPole-v1", "--set", "zzzqqq=1")
+    line = one_error_line(err)
+    assert (
+        code == 2
+        and "valid keys:" in line
+        and "trainer.sigma" in line
+        and "rollout.max_episode_steps" in line
+    )
+
+
+def test_make_policy_seed_gives_the_same_weights_every_time() -> None:
+    import gymnasium as gym
+
+    from eggroll_rl.policies import make_policy
+
+    spaces = (gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
+    a = make_policy(*spaces, (8,), seed=3).state_dict()
+    torch.manual_seed(123)  # the global generator does not matter
+    b = make_policy(*spaces, (8,), seed=3).state_dict()
+    c = make_policy(*spaces, (8,), seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_box2d_hint_is_the_same_for_train_and_eval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gymnasium as gym
+
+    def no_box2d(**kwargs):
+        raise gym.error.DependencyNotInstalled("Box2D is not installed, run `pip install swig`")
+
+    if "EggrollTest/NeedsBox2D2-v0" not in gym.registry:
+        gym.register(id="EggrollTest/NeedsBox2D2-v0", entry_point=no_box2d)
+    _, _, train_err = cli(capsys, "train", "EggrollTest/NeedsBox2D2-v0")
+    from eggroll_rl.agents import save_agent
+    from eggroll_rl.policies import make_policy
+
+    agent = tmp_path / "an-agent"
+    policy = make_policy(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2), (4,))
+    config = {"env_id": "EggrollTest/NeedsBox2D2-v0", "policy": {"hidden_sizes": [4]}}
+    save_agent(agent, policy=policy, config=config, history=[], results={"mean": 0.0, "episodes": 1})
+    _, _, eval_err = cli(capsys, "eval", agent)
+    hint = "pip install 'eggroll-rl[box2d]'"
+    assert hint in one_error_line(train_err) and hint in one_error_line(eval_err), (train_err, eval_err)
+
+
+def test_vanilla_trainer_with_the_observation_normaliser_does_not_warn() -> None:
+    import warnings
+
+    from eggroll_rl import RolloutFitness, VanillaESTrainer
+    from eggroll_rl.policies import make_policy
+    from eggroll_rl.rollout import _find_spec
+
+    env = _find_spec("CartPole-v1").make()
+    policy = make_policy(env.observation_space, env.action_space, (4,), normalize_obs=True, seed=0)
+    fitness = RolloutFitness("CartPole-v1", max_episode_steps=20, obs_norm=True)
+    trainer = VanillaESTrainer(policy, fitness, 4, 0.05, 0.1, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(2)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    fitness.close()
