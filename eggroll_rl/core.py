@@ -420,13 +420,19 @@ def _fitness_vector(value: Any, expected: int) -> torch.Tensor:
     return value.detach().to(torch.float64)
 
 
+class NonFiniteFitnessError(ValueError):
+    """Raised by ``step`` when no member of a generation has a finite fitness (nothing is updated)."""
+
+
 def _check_finite(fitness: torch.Tensor, generation: int, warn: bool = True) -> torch.Tensor:
     """Return the mask of finite fitness; warn about the others, raise when none is finite."""
     finite = torch.isfinite(fitness)
     if bool(finite.all()):
         return finite
     if not bool(finite.any()):
-        raise ValueError(f"fitness_fn returned no finite fitness at generation {generation} (all NaN/inf)")
+        raise NonFiniteFitnessError(
+            f"fitness_fn returned no finite fitness at generation {generation} (all NaN/inf)"
+        )
     if warn:  # every rank sees the same gathered fitness; the main rank warns
         warnings.warn(
             f"{int((~finite).sum())} non-finite fitness value(s) at generation {generation}: "

@@ -53,6 +53,7 @@ from eggroll_rl.agents import (
     save_agent,
     save_checkpoint,
 )
+from eggroll_rl.core import NonFiniteFitnessError
 from eggroll_rl.presets import Preset, apply_overrides
 
 __all__ = [
@@ -491,7 +492,15 @@ def train(
             try:
                 while trainer.generation < budget:
                     consistent = False
-                    stats = trainer.step()
+                    try:
+                        stats = trainer.step()
+                    except NonFiniteFitnessError as exc:
+                        last = _checkpoint_generation(ckpt_file)
+                        kept = "no checkpoint yet" if last is None else f"checkpoint at gen {last} kept"
+                        raise RunError(
+                            f"{exc}: does the env return NaN/inf rewards? Nothing saved from this "
+                            f"generation ({kept}; no agent written)"
+                        ) from None
                     gen = trainer.generation
                     elapsed = elapsed_before + time.perf_counter() - t_start
                     steps = int(getattr(fitness, "total_env_steps", 0))

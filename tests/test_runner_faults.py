@@ -392,6 +392,18 @@ def test_nan_returns_in_the_final_evaluation_are_reported(
     assert agent.results["solved"] is False
 
 
+def test_all_non_finite_fitness_is_one_line_and_saves_nothing_inconsistent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An env whose rewards are all NaN: exit 2, one line naming the cause, no agent written."""
+    code, _, err = cli(capsys, "train", "endless_env:EggrollTest/NanReward-v0", "--generations", "2", *TINY)
+    line = one_error_line(err)
+    assert code == 2 and "no finite fitness at generation 0" in line and "NaN/inf rewards" in line
+    assert "no agent written" in line and "Traceback" not in err
+    assert not Path("runs/EggrollTest__NanReward-v0/policy.safetensors").exists()
+    assert not any(Path("runs").glob("**/policy.safetensors"))
+
+
 # -- 7. module:EnvId ------------------------------------------------------------------------------------
 
 
