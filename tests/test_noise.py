@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_kernels import _cpu_flags
 
 from eggroll_rl import EGGROLLTrainer, VanillaESTrainer, kernels, noise
 from eggroll_rl.distributed import DistributedError, World, disagreement
@@ -112,14 +113,6 @@ def test_pinned_hash_of_a_fixed_seed_draw():
 
 # -- the compiled fill equals the reference, bit for bit -------------------------------------------------
 _VARIANTS = {"native": kernels._NATIVE, "avx2": (("-mavx2", "-mfma", "-mf16c"),), "portable": ((),)}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return set(next(ln for ln in f if ln.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return set()
 
 
 @pytest.fixture(params=list(_VARIANTS))

@@ -15,26 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli
 
 from eggroll_rl.agents import load_agent, load_checkpoint
-from eggroll_rl.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 TINY = ["--population", "8", "--set", "eval.episodes=2", "--set", "hidden_sizes=4", "--no-progress"]
 ENDLESS = "endless_env:EggrollTest/Endless-v0"
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """Run ``eggroll-rl ARGS`` in-process; return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err: str) -> str:
