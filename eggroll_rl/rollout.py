@@ -577,8 +577,8 @@ class _DeviceStaging:
     Both are written into one page-locked host buffer (rows as int64 first, then the observations)
     and sent with a single non-blocking host-to-device copy; the device tensors are views of it.
     The buffer grows to the largest step seen and is reused: before it is rewritten, the event
-    recorded after the previous copy is waited on (already complete once the step's actions were
-    read back).
+    recorded after the previous copy is queried, and waited on only if that copy is still running
+    (it has finished once the step's actions were read back, so no step synchronises here).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -595,8 +595,8 @@ class _DeviceStaging:
         if self.buffer.numel() < n_rows + n_x:
             self.buffer = torch.empty(2 * (n_rows + n_x), dtype=torch.uint8, pin_memory=self.pinned)
             self.done = None
-        if self.done is not None:
-            self.done.synchronize()  # the previous copy has left the buffer
+        if self.done is not None and not self.done.query():
+            self.done.synchronize()  # the previous copy has not left the buffer yet (rare)
         host = self.buffer[: n_rows + n_x]
         host[:n_rows].view(torch.int64).copy_(rows)
         host[n_rows:].view(x.dtype).view(x.shape).copy_(x)
