@@ -181,22 +181,20 @@ def forward_table(device: str, sizes: tuple[int, ...], repeats: int) -> None:
 
 
 def rollout_table(device: str, n: int, generations: int) -> None:
-    """Print the rollout table: each env on ``device`` and on cpu."""
-    rows = []
+    """Print the rollout table, a row as soon as it is measured: each env on ``device`` and on cpu."""
+    print(f"Rollout, EGGROLL rank 1, MLP 64-64, N = {n}, {generations} generations "
+          "after one warm-up (target: cuda not slower than cpu)\n")  # fmt: skip
+    cols = {"env": "s", "device": "s", "N": "d", "gen_per_s": ".3f", "steps_per_s": ".0f"}
+    print(table([], cols), end="", flush=True)
     for env_id in ("CartPole-v1", "LunarLander-v3"):
         for dev in dict.fromkeys([device, "cpu"]):
             try:
-                rows.append(rollout_row(env_id, dev, n, generations))
+                row = rollout_row(env_id, dev, n, generations)
             except Exception as exc:  # a missing env package must not hide the other numbers
                 print(f"  rollout {env_id} on {dev} failed: {exc!r}", file=sys.stderr)
                 continue
-            print(f"  rollout {rows[-1]}", file=sys.stderr, flush=True)
-    print(f"Rollout, EGGROLL rank 1, MLP 64-64, N = {n}, {generations} generations "
-          "after one warm-up (target: cuda not slower than cpu)\n")  # fmt: skip
-    print(
-        table(rows, {"env": "s", "device": "s", "N": "d", "gen_per_s": ".3f", "steps_per_s": ".0f"}),
-        flush=True,
-    )
+            print(table([row], cols).split("\n", 2)[2], end="", flush=True)
+    print()
 
 
 if __name__ == "__main__":
