@@ -10,8 +10,10 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     gymnasium==1.2.0 farama-notifications==0.0.4 box2d==2.3.10
-# (any gymnasium >= 1.1 with LunarLander-v3), carry `.whl` in the run, and this script installs them
+#     gymnasium==1.4.0 farama-notifications==0.0.6 box2d==2.3.10
+# (the versions installed on the development machine: `pip show gymnasium farama-notifications box2d`;
+# if pip finds no Box2D wheel, add --platform manylinux_2_N_x86_64 for other N, see the device
+# tool's README), carry `.whl` in the run, and this script installs them
 # into /tmp/site. Whatever is under $OUT (set by the device tool) receives the log and the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
