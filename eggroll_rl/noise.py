@@ -213,7 +213,7 @@ def normal_bits(words: torch.Tensor, knots: torch.Tensor | None = None) -> torch
     ``knots``: :func:`knot_table` as an int64 tensor on ``words``' device (built when None).
     """
     if knots is None:
-        knots = torch.from_numpy(knot_table()).to(device=words.device, dtype=torch.int64)
+        knots = _knots_on(words.device)
     t = ((words & 0x7FFFFFFF) << 1) | 1  # p = t / 2^33
     e = _msb(t)
     n = (t << (31 - e)) & _MASK32  # the top bit of t moved to bit 31
@@ -244,6 +244,12 @@ def _check_range(name: str, value: int, low: int, high: int) -> int:
     return int(value)
 
 
+@functools.cache
+def _knots_on(device: torch.device) -> torch.Tensor:
+    """Return :func:`knot_table` as int64 on ``device``, copied there once per process."""
+    return torch.from_numpy(knot_table()).to(device=device, dtype=torch.int64)
+
+
 def reference_noise(
     seed: int,
     generation: int,
@@ -260,7 +266,7 @@ def reference_noise(
     compiled CPU kernel must equal it bit for bit.
     """
     device = torch.device(device)
-    knots = torch.from_numpy(knot_table()).to(device=device, dtype=torch.int64)
+    knots = _knots_on(device)
     out = torch.empty(draws, stop - start, dtype=torch.float16, device=device)
     key = (seed & _MASK32, seed >> 32)
     rows = torch.arange(draw0, draw0 + draws, device=device).view(-1, 1, 1)

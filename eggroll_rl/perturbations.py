@@ -139,5 +139,5 @@ class LowRankPerturbations:
 
 def per_draw(weights: torch.Tensor, signs: torch.Tensor, draws: int) -> torch.Tensor:
     """Fold member weights onto their shared draws: ``w_j = sum_{i in draw j} sign_i * weights_i``."""
-    signed = weights * signs
+    signed = weights * signs.to(weights.dtype)  # float32 signs must not promote bfloat16 weights
     return signed.view(draws, -1).sum(dim=1) if signed.numel() != draws else signed

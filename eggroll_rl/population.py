@@ -121,7 +121,11 @@ class Population:
                 f"members must be an int64 tensor of shape ({x.shape[0]},) (one member index per "
                 f"row), got {members.dtype} {tuple(members.shape)}"
             )
-        if members.numel():
+        if members.numel() and members.device.type != "cpu":
+            # Checked on the device: reading the bounds back would synchronise every rollout step.
+            lo, hi = torch.aminmax(members)
+            torch._assert_async((lo >= 0) & (hi < self._len), f"members must lie in [0, {self._len})")
+        elif members.numel():
             lo, hi = torch.aminmax(members)
             if int(lo) < 0 or int(hi) >= self._len:
                 raise ValueError(
@@ -220,8 +224,9 @@ class LowRankPopulation(Population):
 
         self._forwards: list[tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]] = []
         select = self._select = _RowMembers()
-        bias_coef = (sign * p.sigma).unsqueeze(1)
-        scale = (sign * (p.sigma / math.sqrt(p.rank))).view(-1, 1, 1)
+        # In the parameters' dtype (float32 signs would promote a bfloat16 model's terms).
+        bias_coef = (sign * p.sigma).to(p.noise.dtype).unsqueeze(1)
+        scale = (sign * (p.sigma / math.sqrt(p.rank))).to(p.noise.dtype).view(-1, 1, 1)
 
         def member_vector(param: nn.Parameter | None) -> torch.Tensor | None:
             name = param_names.get(param) if param is not None else None

@@ -571,6 +571,42 @@ def run_episodes(
 # -- the rollout fitness ---------------------------------------------------------------------------
 
 
+class _DeviceStaging:
+    """Move a step's observations and rows -> member map to an accelerator in one pinned copy.
+
+    Both are written into one page-locked host buffer (rows as int64 first, then the observations)
+    and sent with a single non-blocking host-to-device copy; the device tensors are views of it.
+    The buffer grows to the largest step seen and is reused: before it is rewritten, the event
+    recorded after the previous copy is queried, and waited on only if that copy is still running
+    (it has finished once the step's actions were read back, so no step synchronises here).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = torch.cuda.is_available() and device.type == "cuda"
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.done: Any = None
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, rows)`` on the device (x: ``(R, ..., in)`` float; rows: ``(R,)`` int64)."""
+        if x.device.type != "cpu":
+            return x, rows.to(self.device, non_blocking=True)
+        n_rows, n_x = rows.numel() * 8, x.numel() * x.element_size()
+        if self.buffer.numel() < n_rows + n_x:
+            self.buffer = torch.empty(2 * (n_rows + n_x), dtype=torch.uint8, pin_memory=self.pinned)
+            self.done = None
+        if self.done is not None and not self.done.query():
+            self.done.synchronize()  # the previous copy has not left the buffer yet (rare)
+        host = self.buffer[: n_rows + n_x]
+        host[:n_rows].view(torch.int64).copy_(rows)
+        host[n_rows:].view(x.dtype).view(x.shape).copy_(x)
+        dev = host.to(self.device, non_blocking=True)
+        if self.pinned:
+            self.done = torch.cuda.Event()
+            self.done.record()
+        return dev[n_rows:].view(x.dtype).view(x.shape), dev[:n_rows].view(torch.int64)
+
+
 class RolloutFitness(BatchedFitness):
     """Batched fitness: every member plays `episodes_per_member` episodes; fitness = mean return.
 
@@ -692,9 +728,11 @@ class RolloutFitness(BatchedFitness):
         # (in the fused CPU kernel, without materialising the outputs).
         offset = getattr(policy, "argmax_offset", None)
 
+        stage = None if on_cpu else _DeviceStaging(device)
+
         def forward(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            if not on_cpu:
-                x, rows = x.to(device, non_blocking=True), rows.to(device, non_blocking=True)
+            if stage is not None:
+                x, rows = stage(x, rows)
             return population(x, members=rows) if offset is None else population.argmax(x, members=rows)
 
         def act(y: torch.Tensor) -> np.ndarray:
