@@ -42,6 +42,8 @@ def record_episode(
     from gymnasium.vector.utils import concatenate, create_empty_array
     from gymnasium.wrappers import RecordVideo
 
+    from eggroll_rl.rollout import _one_thread
+
     # pygame (classic-control rendering) needs no display for rgb_array frames; without this
     # SDL may complain about the session (XDG_RUNTIME_DIR) on headless machines.
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -62,7 +64,8 @@ def record_episode(
         try:
             obs, _ = env.reset(seed=seed)
             done = False
-            with torch.no_grad():
+            # One-row forwards: torch's thread pool only adds waits (see rollout._one_thread).
+            with torch.no_grad(), _one_thread(device.type == "cpu"):
                 while not done and (max_steps is None or steps < max_steps):
                     # The policy takes batched observations: make a batch of one.
                     batch = concatenate(space, [obs], create_empty_array(space, 1))
