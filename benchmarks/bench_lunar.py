@@ -3,7 +3,8 @@
 Each seed runs ``eggroll-rl train LunarLander-v3 --seed K --out OUT`` in its own process (alone on
 the machine for honest seconds) and reads the run's own ``results.json``: training seconds
 (periodic evaluations included, process start-up not), generations, env steps, the final
-100-episode evaluation and whether it reached the preset's target (200). Extra arguments go to
+100-episode evaluation and whether it reached the preset's target (200), with the 1-minute load
+average before and after (the seconds mean little on a busy machine). Extra arguments go to
 every ``train`` call (e.g. ``--set rollout.backend=sync``).
 
     python benchmarks/bench_lunar.py --out /tmp/lunar-bench
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,13 +31,16 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
+        load = os.getloadavg()[0]
         cmd = [sys.executable, "-m", "eggroll_rl", "train", args.env, "--seed", str(seed)]
         subprocess.run([*cmd, "--out", str(out), "--no-progress", *extra], check=True)
         results = json.loads((out / args.env / "results.json").read_text())
         rows.append(results)
         print(
             f"seed {seed}: {results['seconds']:7.1f} s  {results['generations']:4d} generations  "
-            f"{results['env_steps']:>9d} env steps  eval {results['mean']:7.1f}  solved {results['solved']}",
+            f"{results['env_steps']:>9d} env steps ({results.get('eval_env_steps', 0)} in evaluations)  "
+            f"eval {results['mean']:7.1f}  solved {results['solved']}  "
+            f"load {load:.1f} -> {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     seconds = [r["seconds"] for r in rows]

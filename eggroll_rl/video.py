@@ -115,7 +115,7 @@ def record_episode(
     from gymnasium.vector.utils import concatenate, create_empty_array
     from gymnasium.wrappers import RecordVideo
 
-    from eggroll_rl.rollout import _find_spec, episode_cap
+    from eggroll_rl.rollout import _find_spec, _one_thread, episode_cap
 
     # pygame (classic-control rendering) needs no display for rgb_array frames; without this
     # SDL may complain about the session (XDG_RUNTIME_DIR) on headless machines.
@@ -142,7 +142,8 @@ def record_episode(
         try:
             obs, _ = env.reset(seed=seed)
             done = False
-            with torch.no_grad():
+            # One-row forwards: torch's thread pool only adds waits (see rollout._one_thread).
+            with torch.no_grad(), _one_thread(device.type == "cpu"):
                 while not done:
                     # The policy takes batched observations: make a batch of one.
                     batch = concatenate(space, [obs], create_empty_array(space, 1))

@@ -476,6 +476,40 @@ def test_evaluate_with_more_sub_envs_than_episodes_and_by_id():
     np.testing.assert_array_equal(again.returns, by_id.returns)  # seeded: reproducible
 
 
+def test_evaluate_forwards_on_one_torch_thread_and_restores_the_count():
+    # Small per-step forwards on torch's thread pool stall on a busy machine (ms per forward):
+    # evaluate runs its episode loop on one thread and gives the caller's setting back.
+    policy = count_policy()
+    seen = []
+    policy.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = evaluate(policy, "EggrollTest/Count-v0", episodes=5, seed=1)
+        assert result.episodes == 5 and seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_record_episode_forwards_on_one_torch_thread(tmp_path):
+    pytest.importorskip("moviepy")
+    from eggroll_rl.video import record_episode
+
+    env = gym.make("CartPole-v1")
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=(4,))
+    seen = []
+    policy.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rec = record_episode(policy, "CartPole-v1", tmp_path / "a.mp4", seed=1, max_steps=5)
+        assert rec.length == len(seen) and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_box_actions_stay_in_bounds_through_the_env():
     env = TargetEnv()
     policy = make_policy(env.observation_space, env.action_space, hidden_sizes=(8,))
