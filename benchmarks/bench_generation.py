@@ -16,29 +16,18 @@ the last column gives it in plain batched forwards (target: <= 5 at N = 1024, ra
 
 from __future__ import annotations
 
-import argparse
 import functools
-import random
 import statistics
 
 import torch
-from bench_population import _unused_fitness, interleaved, mlp
+from bench_population import _unused_fitness, grid_args, interleaved, mlp
 
 from eggroll_rl import EGGROLLTrainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    random.seed(0)
+    args = grid_args(__doc__, rounds=60)
     model = mlp()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, MLP 64-256-256-8 tanh\n")
     print(
         "| N | rank | sample ms | prepare ms | forward ms | plain fwd ms | shaping ms | update ms "
         "| overhead ms | overhead / plain fwd |"

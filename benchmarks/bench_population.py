@@ -67,6 +67,21 @@ def interleaved(fns: dict[str, callable], rounds: int, warmup: int = 5) -> dict[
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
+def grid_args(doc: str, rounds: int) -> argparse.Namespace:
+    """Parse the (sizes x ranks) grid options, set the threads and the shuffle seed, print the header."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    random.seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, MLP 64-256-256-8 tanh\n")
+    return args
+
+
 def rounds_for(n: int, budget_s: float) -> int:
     """Rounds so that each (N, rank) row takes about ``budget_s`` seconds."""
     return max(30, int(budget_s / (n * 2.5e-6 + 2e-4)))
