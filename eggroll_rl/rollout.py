@@ -263,7 +263,8 @@ def _import_envpool() -> Any:
         import envpool
     except ImportError as exc:
         raise ImportError(
-            "backend='envpool' needs envpool, which is not installed: pip install 'eggroll-rl[envpool]'",
+            "backend='envpool' needs envpool, which is not installed: pip install 'eggroll-rl[envpool]', "
+            "or use gymnasium's vector env with backend='sync' (CLI: --set rollout.backend=sync)",
             name="envpool",
         ) from exc
     return envpool
