@@ -108,6 +108,7 @@ class RolloutSettings:
     max_episode_steps: int | None = None  # None: the env spec's limit
     backend: Backend = "auto"  # auto: the env's own vector implementation if any, else sync
     obs_norm_fraction: float = 0.01  # share of sub-envs whose observations feed the normaliser
+    reward_shift: float = 0.0  # ARS's shift: subtracted from every training reward (evaluations: none)
 
 
 @dataclass(frozen=True)
@@ -543,6 +544,7 @@ def _validate(p: Preset) -> None:
         "rollout.obs_norm_fraction",
         "must be in (0, 1]",
     )
+    need(finite("rollout.reward_shift"), "rollout.reward_shift", "must be a finite number")
     need(r.episodes_per_member >= 1, "rollout.episodes_per_member", "must be >= 1")
     need(
         r.max_episode_steps is None or r.max_episode_steps >= 1,

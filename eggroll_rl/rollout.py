@@ -620,6 +620,11 @@ class RolloutFitness(BatchedFitness):
     episodes of a block of ``ceil(obs_norm_fraction * episodes)``, summed over ranks) and
     refreshed at the start of the next call, so each generation sees one fixed normaliser and
     the trainer's best-member snapshot holds exactly the normaliser that member used.
+    `reward_shift` is subtracted from every reward of a training episode, so a member's fitness
+    is ``mean(return - reward_shift * length)``: ARS's ``shift`` (Mania et al. 2018, "Simple
+    random search provides a competitive approach to reinforcement learning", MuJoCo
+    experiments), which removes the survival bonus of Hopper, Walker2d and Ant so that standing
+    still earns nothing. ``stats["return_mean"]`` stays the env's own (unshifted) return.
     """
 
     # Per-rank rates add up to the run's throughput; every other stat is already reduced here.
@@ -643,7 +648,10 @@ class RolloutFitness(BatchedFitness):
         autoreset_mode: AutoresetMode | str | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
         num_envs: int | None = None,
+        reward_shift: float = 0.0,
     ) -> None:
+        if not math.isfinite(reward_shift):
+            raise ValueError(f"reward_shift must be a finite number, got {reward_shift}.")
         if num_envs is not None and num_envs < 1:
             raise ValueError(f"num_envs must be >= 1 (env slots), got {num_envs}.")
         if episodes_per_member < 1:
@@ -663,6 +671,7 @@ class RolloutFitness(BatchedFitness):
         self.backend = backend
         self.obs_norm = obs_norm
         self.obs_norm_fraction = float(obs_norm_fraction)
+        self.reward_shift = float(reward_shift)
         self.autoreset_mode = autoreset_mode
         self.env_kwargs = dict(env_kwargs or {})
         self.num_envs = None if num_envs is None else int(num_envs)
@@ -748,7 +757,8 @@ class RolloutFitness(BatchedFitness):
                 env, policy.preprocess, forward, act, owner, seeds, self.max_episode_steps, record
             )
         returns = batch.returns
-        fitness = torch.from_numpy(returns.reshape(members, k).mean(axis=1))
+        shaped = returns - self.reward_shift * batch.lengths if self.reward_shift else returns
+        fitness = torch.from_numpy(shaped.reshape(members, k).mean(axis=1))
 
         # One all-reduce for the episode totals and the normaliser sample, so every rank agrees.
         dim = norm.dim if norm is not None else 0

@@ -215,6 +215,7 @@ def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
         backend=r.backend,
         obs_norm=pol.normalize_obs,
         obs_norm_fraction=r.obs_norm_fraction,
+        reward_shift=r.reward_shift,
     )
     common = dict(
         learning_rate=_schedule(t.lr, t.lr_decay),

@@ -209,6 +209,17 @@ def test_rollout_feeds_the_normaliser_every_observation_with_fraction_one() -> N
     trainer.fitness_fn.close()
 
 
+def test_reward_shift_preset_key_reaches_the_fitness_and_rejects_nan() -> None:
+    from eggroll_rl.presets import PresetError
+    from eggroll_rl.run import build_trainer
+
+    preset = apply_overrides(load_preset("Hopper-v5"), ["population=4", "top_directions=1", "reward_shift=1"])
+    trainer = build_trainer(preset)
+    assert trainer.fitness_fn.reward_shift == 1.0
+    with pytest.raises(PresetError, match=r"rollout\.reward_shift"):
+        apply_overrides(load_preset("Hopper-v5"), ["reward_shift=nan"])
+
+
 def test_linear_policy_is_one_matrix() -> None:
     import gymnasium as gym
 

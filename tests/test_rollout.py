@@ -291,6 +291,16 @@ def test_max_episode_steps_caps_the_accounting():
     np.testing.assert_allclose(fitness.numpy(), [1.0, 3.0])
 
 
+def test_reward_shift_subtracts_per_step_from_fitness_only():
+    # Lengths 1 and 2 (capped): returns 1 and 1 + 2; ARS's shift takes 0.75 per step off each.
+    fit = RolloutFitness("EggrollTest/Count-v0", max_episode_steps=2, seed=1, reward_shift=0.75)
+    fitness = fit(FakePopulation(count_policy(), stopper([1, 100]), 2))
+    np.testing.assert_allclose(fitness.numpy(), [1.0 - 0.75, 3.0 - 1.5])
+    assert fit.stats["return_mean"] == 2.0  # the env's own returns, unshifted
+    with pytest.raises(ValueError, match="reward_shift"):
+        RolloutFitness("EggrollTest/Count-v0", reward_shift=float("nan"))
+
+
 def test_rollout_feeds_and_freezes_the_normaliser():
     policy = count_policy()
     norm = policy.obs_norm
