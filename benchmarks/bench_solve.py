@@ -1,13 +1,14 @@
-"""LunarLander-v3 time to solve with the shipped preset: seeds 0-4, one after another, one table.
+"""Time to solve with an env's shipped preset: seeds one after another, one table.
 
-Each seed runs ``eggroll-rl train LunarLander-v3 --seed K --out OUT`` in its own process (alone on
+Each seed runs ``eggroll-rl train ENV --seed K --out OUT`` in its own process (alone on
 the machine for honest seconds) and reads the run's own ``results.json``: training seconds
 (periodic evaluations included, process start-up not), generations, env steps, the final
-100-episode evaluation and whether it reached the preset's target (200), with the 1-minute load
+100-episode evaluation and whether it reached the preset's target, with the 1-minute load
 average before and after (the seconds mean little on a busy machine). Extra arguments go to
-every ``train`` call (e.g. ``--set rollout.backend=sync``).
+every ``train`` call (e.g. ``--nproc 2`` or ``--set rollout.backend=sync``).
 
-    python benchmarks/bench_lunar.py --out /tmp/lunar-bench
+    python benchmarks/bench_solve.py --out /tmp/lunar-bench                      # LunarLander-v3, seeds 0-4
+    python benchmarks/bench_solve.py --env Swimmer-v5 --seeds 0 1 2 --out /tmp/sw-bench --nproc 2
 """
 
 from __future__ import annotations
