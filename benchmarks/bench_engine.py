@@ -11,8 +11,7 @@ repeats of:
   to the same backend's raw rate. ``lockstep`` drives the SyncVectorEnv through its batched API
   (every sub-env steps until the longest episode ends; live rows only are forwarded), the shape
   of the loop before the work-conserving engine; envpool steps only the live sub-envs by
-  ``env_id`` (``pool n/4``: a pool of N/4 slots refilled as episodes end; ``overlap``: two
-  halves pipelined, envpool stepping one while the forward runs on the other).
+  ``env_id`` (``pool n/4``: a pool of N/4 slots refilled as episodes end).
 
     python benchmarks/bench_engine.py --repeats 5
 """
@@ -75,7 +74,6 @@ def main() -> None:
     if has_envpool:
         configs["envpool"] = {"backend": "envpool"}
         configs["envpool pool n/4"] = {"backend": "envpool", "num_envs": n // 4}
-        configs["envpool overlap"] = {"backend": "envpool", "overlap": True}
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only}
     policy = load_policy(args.agent, args.env)
@@ -91,7 +89,6 @@ def main() -> None:
             cfg = dict(cfg)
             wrap = cfg.pop("wrap", False)
             slots = cfg.pop("num_envs", n)
-            overlap = cfg.pop("overlap", False)
             env = make_vec_env(args.env, slots, backend=cfg["backend"], max_episode_steps=1000, seed=rep)
             fitness = RolloutFitness(
                 gym.vector.VectorWrapper(env) if wrap else env,
@@ -99,7 +96,6 @@ def main() -> None:
                 obs_norm=False,
                 max_episode_steps=1000,
                 num_envs=slots,
-                overlap=overlap,
             )
             trainer = EGGROLLTrainer(policy, fitness, population_size=n, sigma=args.sigma, seed=rep)
             pop = trainer.make_population(trainer.sample_perturbations(n), torch.arange(n))

@@ -14,6 +14,28 @@ where the backend allows it:
   its sub-envs at each iteration; sub-envs without an episode repeat their last action and are
   ignored (cheap where stepping is vectorised or runs on other threads/processes).
 
+Stepping and the forward run one after the other. Overlapping them was measured and did not pay
+on 2 cores (LunarLander-v3, the shipped agent's policy perturbed with sigma 0.3, N = 128 and
+256, three runs of paired medians over 4-8 interleaved repeats on the loaded VM; the code is
+commit 6c4a2f9):
+
+- envpool, the slots split in two halves and pipelined (envpool steps one half by
+  ``send(actions, env_id)`` while this thread forwards the other; its synchronous mode, so the
+  results were bit-identical, tested): 0.73-0.85x the sequential rate at N = 128, 0.85-0.91x at
+  N = 256 (0.66-0.77x with ``num_threads=1``). envpool's two threads fill both cores: ``send``
+  itself returned only when the step was nearly done (3.3-4.4 ms of a 3.7 ms step of 128
+  sub-envs; 0.18 ms with one envpool thread), and the forward is 8-10 % of the rollout (the
+  step ~86 %), so there is no idle core to hide it on, and the extra send/recv per iteration
+  costs more than it hides. envpool's asynchronous mode (``batch_size < num_envs``) shares those
+  cores too, and hands slots their next episodes in thread-timing order (results would depend on
+  timing), so it was not built.
+- a second Python thread beside a `SyncVectorEnv`: the forward, the only part that releases the
+  GIL, is 3-4 % of the rollout (the rest is Python stepping the sub-envs under the GIL), so at
+  most ~3 % could be hidden; not built.
+- `AsyncVectorEnv` (worker processes): raw LunarLander stepping at 1.2k / 1.5k sub-env steps/s
+  with 8 / 32 sub-envs against 5.9k / 8.5k for `SyncVectorEnv` (a pipe round trip per sub-env
+  and step, on 2 cores), so ``auto`` never picks it.
+
 Returns are float64 sums of each episode's own rewards, exact under every autoreset mode: a
 sub-env starting a new episode is always reset explicitly with that episode's seed.
 
@@ -426,11 +448,9 @@ class _Lockstep:
 class _EnvpoolSubset:
     """Drive an envpool pool by ``env_id``: only sub-envs with a live episode step (on its threads).
 
-    envpool steps a subset with ``send(actions, env_id)`` then ``recv()`` (its synchronous mode,
-    ``batch_size == num_envs``: `recv` returns exactly the sub-envs sent, so one step may be in
-    flight at a time; `run_episodes` overlaps it with the forward of other rows) and resets some
-    with ``reset(env_id)``, which also cancels their pending autoreset. Reset seeds are ignored
-    (fixed at construction), so start states are not shared between members.
+    envpool steps a subset synchronously with ``step(actions, env_id)`` and resets one with
+    ``reset(env_id)``, which also cancels its pending autoreset. Reset seeds are ignored (fixed at
+    construction), so start states are not shared between members.
     """
 
     def __init__(self, env: EnvpoolVectorEnv) -> None:
@@ -447,16 +467,7 @@ class _EnvpoolSubset:
             self.obs[np.asarray(info.get("env_id", ids))] = obs
 
     def step(self, live: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, ...]:
-        self.send(live, actions)
-        return self.recv(live)
-
-    def send(self, live: np.ndarray, actions: np.ndarray) -> None:
-        """Start stepping the sub-envs ``live`` (sorted) on envpool's threads; return at once."""
-        self.pool.send(np.asarray(actions), live)
-
-    def recv(self, live: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Wait for the step `send` started; return reward, terminated, truncated in `live`'s order."""
-        obs, reward, terminated, truncated, info = self.pool.recv()
+        obs, reward, terminated, truncated, info = self.pool.step(np.asarray(actions), live)
         ids = np.asarray(info["env_id"])
         self.obs[ids] = obs
         pos = np.searchsorted(live, ids)  # results in the order of `live` (sorted)
@@ -496,8 +507,6 @@ def run_episodes(
     seeds: np.ndarray | list[int],
     max_episode_steps: int | None = None,
     record: np.ndarray | slice | None = None,
-    *,
-    overlap: bool = False,
 ) -> EpisodeBatch:
     """Play owed episode ``e`` for member ``members[e]`` from ``reset(seed=seeds[e])``; count returns.
 
@@ -511,14 +520,6 @@ def run_episodes(
     selects the episodes whose preprocessed observations are returned, episode by episode in
     step order (for the observation normaliser). Raises ValueError if ``members`` and ``seeds``
     differ in length.
-
-    With `overlap` on an envpool env, the slots are split into a lower and an upper
-    half and each iteration pipelines them: envpool steps one half on its threads while this
-    thread forwards the other (`_EnvpoolSubset.send`/`recv`). Every slot still plays the same
-    steps in the same iteration, and a half's finished slots take the next owed episodes lower
-    half first, i.e. in slot order as without overlap, so the results are identical provided
-    ``forward`` and ``act`` are row-independent and draw no random numbers (the population
-    forward is; a sampling ``act`` is not: pass ``overlap=False`` for the old batching).
     """
     members = np.asarray(members, dtype=np.int64)
     seeds = [int(s) for s in seeds]
@@ -547,27 +548,26 @@ def run_episodes(
         # Sub-envs beyond the owed episodes start from seeds no episode uses (they only idle).
         extra = [derive_seed(_IDLE, s) for s in range(slots - started)]
         driver.start(seeds[:started] + extra)
-
-    def actions_for(live: np.ndarray) -> np.ndarray:
-        """Forward the live slots' observations; return their actions."""
+    steps = stepped = 0
+    live = np.arange(started)
+    while live.size:
         episode = slot_episode[live]
         x = preprocess(driver.obs[live])
         if record is not None:
             keep = recorded[episode]
             if keep.any():
                 seen.append((episode[keep], x[torch.from_numpy(keep)].clone()))
-        return act(forward(x, torch.from_numpy(members[episode])))
-
-    def account(live: np.ndarray, reward: Any, terminated: Any, truncated: Any) -> np.ndarray:
-        """Add a step's results; hand finished slots the next owed episodes; return the live slots."""
-        nonlocal started
+        actions = act(forward(x, torch.from_numpy(members[episode])))
+        reward, terminated, truncated = driver.step(live, actions)
+        steps += 1
+        stepped += live.size if subset else slots
         ret[live] += reward
         length[live] += 1
         ended = terminated | truncated
         if cap is not None:
             ended |= length[live] >= cap
         if not ended.any():
-            return live
+            continue
         done = live[ended]
         finished = slot_episode[done]
         returns[finished] = ret[done]
@@ -579,34 +579,7 @@ def run_episodes(
         slot_episode[done[:new]] = np.arange(started, started + new)
         driver.reset(done, seeds[started : started + new] + [None] * (done.size - new))
         started += new
-        return live[slot_episode[live] >= 0]  # slots only leave: a finished slot refills itself
-
-    steps = stepped = 0
-    live = np.arange(started)
-    if overlap and isinstance(driver, _EnvpoolSubset) and started > 1:
-        # Two halves in a pipeline: step one on envpool's threads while forwarding the other.
-        mid = (started + 1) // 2
-        lo, hi = live[:mid], live[mid:]
-        todo = actions_for(lo)
-        while lo.size or hi.size:
-            if lo.size:
-                driver.send(lo, todo)
-            todo_hi = actions_for(hi) if hi.size else None
-            stepped += lo.size + hi.size
-            if lo.size:
-                lo = account(lo, *driver.recv(lo))
-            if hi.size:
-                driver.send(hi, todo_hi)
-            todo = actions_for(lo) if lo.size else None
-            if hi.size:
-                hi = account(hi, *driver.recv(hi))
-            steps += 1
-    else:
-        while live.size:
-            reward, terminated, truncated = driver.step(live, actions_for(live))
-            steps += 1
-            stepped += live.size if subset else slots
-            live = account(live, reward, terminated, truncated)
+        live = np.flatnonzero(slot_episode >= 0)
     seconds = time.perf_counter() - t0
     observations = None
     if record is not None:
@@ -674,7 +647,6 @@ class RolloutFitness(BatchedFitness):
     random search provides a competitive approach to reinforcement learning", MuJoCo
     experiments), which removes the survival bonus of Hopper, Walker2d and Ant so that standing
     still earns nothing. ``stats["return_mean"]`` stays the env's own (unshifted) return.
-    `overlap` pipelines envpool's stepping with the forward (`run_episodes`; same results).
     """
 
     # Per-rank rates add up to the run's throughput; every other stat is already reduced here.
@@ -699,7 +671,6 @@ class RolloutFitness(BatchedFitness):
         env_kwargs: Mapping[str, Any] | None = None,
         num_envs: int | None = None,
         reward_shift: float = 0.0,
-        overlap: bool = False,
     ) -> None:
         if not math.isfinite(reward_shift):
             raise ValueError(f"reward_shift must be a finite number, got {reward_shift}.")
@@ -723,7 +694,6 @@ class RolloutFitness(BatchedFitness):
         self.obs_norm = obs_norm
         self.obs_norm_fraction = float(obs_norm_fraction)
         self.reward_shift = float(reward_shift)
-        self.overlap = bool(overlap)
         self.autoreset_mode = autoreset_mode
         self.env_kwargs = dict(env_kwargs or {})
         self.num_envs = None if num_envs is None else int(num_envs)
@@ -806,15 +776,7 @@ class RolloutFitness(BatchedFitness):
 
         with torch.no_grad():
             batch = run_episodes(
-                env,
-                policy.preprocess,
-                forward,
-                act,
-                owner,
-                seeds,
-                self.max_episode_steps,
-                record,
-                overlap=self.overlap,
+                env, policy.preprocess, forward, act, owner, seeds, self.max_episode_steps, record
             )
         returns = batch.returns
         shaped = returns - self.reward_shift * batch.lengths if self.reward_shift else returns
@@ -955,13 +917,7 @@ def evaluate(
     try:
         with torch.no_grad(), _one_thread(device.type == "cpu"):
             batch = run_episodes(
-                vec,
-                policy.preprocess,
-                forward,
-                act,
-                np.zeros(episodes, np.int64),
-                seeds,
-                max_episode_steps,
+                vec, policy.preprocess, forward, act, np.zeros(episodes, np.int64), seeds, max_episode_steps
             )
     finally:
         if owned:

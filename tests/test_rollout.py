@@ -431,12 +431,6 @@ def test_envpool_backend(monkeypatch):
             o, r, te, tr = (np.array(v) for v in zip(*out, strict=True))
             return o, r, te, tr, {"env_id": ids}
 
-        def send(self, actions, env_id=None):  # synchronous mode: one step in flight
-            self.pending = self.step(actions, env_id)
-
-        def recv(self):
-            return self.pending
-
     def fake_make(task_id, env_type, num_envs, seed, **kwargs):
         made.update(task_id=task_id, env_type=env_type, seed=seed, **kwargs)
         made["pool"] = FakePool(num_envs, seed, kwargs.get("max_episode_steps"))
@@ -650,26 +644,3 @@ def test_real_envpool_backend_trains_and_evaluates():
         result = evaluate(policy, "CartPole-v1", episodes=6, seed=1, backend="envpool")
     assert result.episodes == 6 and (result.lengths >= 8).all()
     np.testing.assert_allclose(result.returns, result.lengths)  # CartPole: +1 per step
-
-
-@pytest.mark.filterwarnings("ignore:.*precision lowered:UserWarning")  # envpool's float64 bounds
-@pytest.mark.filterwarnings("ignore:.*common random numbers:RuntimeWarning")
-@pytest.mark.parametrize(("members", "num_envs", "k"), [(12, 12, 1), (12, 5, 1), (6, 4, 2)])
-def test_envpool_overlap_gives_the_same_results(members, num_envs, k):
-    """Pipelining envpool's stepping with the forward changes no return, length or sample."""
-    pytest.importorskip("envpool")
-    env = gym.make("CartPole-v1")
-    out = {}
-    for overlap in (False, True):
-        policy = make_policy(env.observation_space, env.action_space, hidden_sizes=(4,), seed=1)
-        vec = make_vec_env("CartPole-v1", num_envs, backend="envpool", seed=3)
-        fitness = RolloutFitness(vec, seed=3, num_envs=num_envs, episodes_per_member=k, overlap=overlap)
-        fitness.obs_norm_fraction = 0.5
-        trainer = make_trainer(policy, fitness, population_size=members, sigma=0.5)
-        runs = [trainer.step() for _ in range(2)]
-        out[overlap] = (trainer.get_center_model().state_dict(), runs, fitness.stats)
-        vec.close()
-    (p0, r0, s0), (p1, r1, s1) = out[False], out[True]
-    assert all(torch.equal(p0[name], p1[name]) for name in p0)
-    assert [r["mean_fitness"] for r in r0] == [r["mean_fitness"] for r in r1]
-    assert s0["env_steps"] == s1["env_steps"] and s0["lockstep_steps"] == s1["lockstep_steps"]
