@@ -29,9 +29,10 @@ commit 6c4a2f9):
   costs more than it hides. envpool's asynchronous mode (``batch_size < num_envs``) shares those
   cores too, and hands slots their next episodes in thread-timing order (results would depend on
   timing), so it was not built.
-- a second Python thread beside a `SyncVectorEnv`: the forward, the only part that releases the
-  GIL, is 3-4 % of the rollout (the rest is Python stepping the sub-envs under the GIL), so at
-  most ~3 % could be hidden; not built.
+- a second Python thread beside a `SyncVectorEnv` (the same pipeline, one half's sub-envs
+  stepped by a one-thread executor; results identical): 0.97x at N = 128, 0.84x at N = 256 (one
+  run, 4 repeats). The forward, the only part that releases the GIL, is 3-4 % of the rollout
+  (the rest is Python stepping the sub-envs under the GIL), so at most ~3 % could be hidden.
 - `AsyncVectorEnv` (worker processes): raw LunarLander stepping at 1.2k / 1.5k sub-env steps/s
   with 8 / 32 sub-envs against 5.9k / 8.5k for `SyncVectorEnv` (a pipe round trip per sub-env
   and step, on 2 cores), so ``auto`` never picks it.
