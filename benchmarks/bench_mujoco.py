@@ -17,11 +17,10 @@ import argparse
 import statistics
 import warnings
 
-import gymnasium as gym
 import torch
 
 from eggroll_rl import EGGROLLTrainer, make_policy
-from eggroll_rl.rollout import RolloutFitness
+from eggroll_rl.rollout import RolloutFitness, make_vec_env
 
 TASKS = ("Swimmer-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5")
 
@@ -29,11 +28,11 @@ TASKS = ("Swimmer-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5")
 def rate(env_id: str, backend: str, population: int, steps: int, repeats: int) -> float:
     """Median env steps/s of one generation's rollout of ``env_id`` on ``backend``."""
     spec_id = env_id if backend != "envpool" else env_id.replace("-v5", "-v4")
-    probe = gym.make(env_id)
-    torch.manual_seed(0)
-    policy = make_policy(probe.observation_space, probe.action_space, hidden_sizes=())
-    probe.close()
-    fitness = RolloutFitness(spec_id, backend=backend, max_episode_steps=steps, seed=0)
+    # The policy fits the env actually stepped: envpool's -v4 tasks can observe less than the
+    # -v5 ones (Ant: 27 dims vs 105).
+    env = make_vec_env(spec_id, population, backend=backend, max_episode_steps=steps, seed=0)
+    policy = make_policy(env.single_observation_space, env.single_action_space, hidden_sizes=(), seed=0)
+    fitness = RolloutFitness(env, max_episode_steps=steps, seed=0, num_envs=population)
     trainer = EGGROLLTrainer(policy, fitness, population, 0.02, 0.05, noise_reuse=2, optimizer="adam")
     rates = []
     try:
@@ -41,7 +40,7 @@ def rate(env_id: str, backend: str, population: int, steps: int, repeats: int) -
             trainer.step()
             rates.append(fitness.stats["steps_per_second"])
     finally:
-        fitness.close()
+        env.close()
     return statistics.median(rates)
 
 

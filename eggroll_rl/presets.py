@@ -31,6 +31,7 @@ import os
 import tomllib
 import types
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -609,11 +610,36 @@ def _read_preset_file(path: Path, env_id: str | None) -> Preset:
 
 
 def load_preset(env_id: str, presets_dir: str | os.PathLike[str] | None = None) -> Preset:
-    """Return the preset for ``env_id``, or the defaults (``is_default``) when it has none."""
+    """Return the preset for ``env_id``, or the defaults (``is_default``) when it has none.
+
+    A preset file naming ``rollout.backend = "envpool"`` when envpool is not installed gets the
+    ``sync`` backend instead, with one RuntimeWarning (an override of the backend, applied after
+    this, still fails without envpool).
+    """
     path = preset_path(env_id, presets_dir)
     if path is None or not path.is_file():
         return Preset(env_id=env_id).validate()
-    return _read_preset_file(path, env_id)
+    return _installed_backend(_read_preset_file(path, env_id))
+
+
+def _installed_backend(preset: Preset) -> Preset:
+    """Return ``preset`` with its envpool backend replaced by ``sync`` if envpool is missing."""
+    if preset.rollout.backend != "envpool":
+        return preset
+    from eggroll_rl.rollout import _import_envpool
+
+    try:
+        _import_envpool()
+    except ImportError:
+        warnings.warn(
+            f"{preset.env_id}'s preset uses rollout.backend=envpool, which is not installed "
+            "(pip install 'eggroll-rl[envpool]'): training on backend=sync instead, so the run "
+            "differs from the preset's [measured] numbers",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return dataclasses.replace(preset, rollout=dataclasses.replace(preset.rollout, backend="sync"))
+    return preset
 
 
 def list_presets(presets_dir: str | os.PathLike[str] | None = None) -> list[Preset]:

@@ -14,6 +14,29 @@ where the backend allows it:
   its sub-envs at each iteration; sub-envs without an episode repeat their last action and are
   ignored (cheap where stepping is vectorised or runs on other threads/processes).
 
+Stepping and the forward run one after the other. Overlapping them was measured and did not pay
+on 2 cores (LunarLander-v3, the shipped agent's policy perturbed with sigma 0.3, N = 128 and
+256, paired medians over 4-8 interleaved repeats on the loaded VM; the envpool pipeline is
+commit 6c4a2f9):
+
+- envpool, the slots split in two halves and pipelined (envpool steps one half by
+  ``send(actions, env_id)`` while this thread forwards the other; its synchronous mode, so the
+  results were bit-identical, tested): 0.73-0.85x the sequential rate at N = 128, 0.85-0.91x at
+  N = 256 over three runs (0.66-0.77x with ``num_threads=1``). envpool's two threads fill both cores: ``send``
+  itself returned only when the step was nearly done (3.3-4.4 ms of a 3.7 ms step of 128
+  sub-envs; 0.18 ms with one envpool thread), and the forward is 8-10 % of the rollout (the
+  step ~86 %), so there is no idle core to hide it on, and the extra send/recv per iteration
+  costs more than it hides. envpool's asynchronous mode (``batch_size < num_envs``) shares those
+  cores too, and hands slots their next episodes in thread-timing order (results would depend on
+  timing), so it was not built.
+- a second Python thread beside a `SyncVectorEnv` (the same pipeline, one half's sub-envs
+  stepped by a one-thread executor; results identical): 0.97x at N = 128, 0.84x at N = 256 (one
+  run, 4 repeats). The forward, the only part that releases the GIL, is 3-4 % of the rollout
+  (the rest is Python stepping the sub-envs under the GIL), so at most ~3 % could be hidden.
+- `AsyncVectorEnv` (worker processes): raw LunarLander stepping at 1.2k / 1.5k sub-env steps/s
+  with 8 / 32 sub-envs against 5.9k / 8.5k for `SyncVectorEnv` (a pipe round trip per sub-env
+  and step, on 2 cores): it stays opt-in (``backend="async"``), never ``auto``.
+
 Returns are float64 sums of each episode's own rewards, exact under every autoreset mode: a
 sub-env starting a new episode is always reset explicitly with that episode's seed.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -73,6 +74,42 @@ def test_shipped_preset_is_found_by_default(env_id: str) -> None:
     preset = load_preset(env_id)
     assert not preset.is_default
     assert preset == load_preset(env_id, REPO_ENVS)
+
+
+def test_preset_envpool_backend_falls_back_to_sync_when_envpool_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The preset's own envpool backend becomes sync with one warning; a chosen one still fails."""
+    import sys
+    import types
+
+    from eggroll_rl.rollout import RolloutFitness
+    from eggroll_rl.run import build_trainer
+
+    monkeypatch.setitem(sys.modules, "envpool", types.ModuleType("envpool"))  # "installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_preset("LunarLander-v3", REPO_ENVS).rollout.backend == "envpool"
+    monkeypatch.setitem(sys.modules, "envpool", None)  # not installed
+    with pytest.warns(RuntimeWarning) as caught:
+        preset = load_preset("LunarLander-v3", REPO_ENVS)
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert "pip install 'eggroll-rl[envpool]'" in text and "[measured]" in text and "sync" in text
+    assert preset.rollout.backend == "sync" and "rollout.backend" not in preset.overridden
+    file_preset = presets_mod._read_preset_file(REPO_ENVS / "LunarLander-v3.toml", "LunarLander-v3")
+    assert preset == dataclasses.replace(
+        file_preset, rollout=dataclasses.replace(file_preset.rollout, backend="sync")
+    )
+    with warnings.catch_warnings():  # other presets are untouched and do not warn
+        warnings.simplefilter("error")
+        assert load_preset("CartPole-v1", REPO_ENVS).rollout.backend == "auto"
+    # A backend the user chose fails as before, naming the extra.
+    chosen = apply_overrides(preset, ["rollout.backend=envpool", "population=4", "hidden_sizes=4"])
+    with pytest.raises(ImportError, match=r"pip install 'eggroll-rl\[envpool\]'"):
+        build_trainer(chosen)
+    with pytest.raises(ImportError, match=r"pip install 'eggroll-rl\[envpool\]'"):
+        RolloutFitness("LunarLander-v3", backend="envpool")
 
 
 def test_shipped_presets_survive_dump_and_reload(tmp_path: Path) -> None:

@@ -361,6 +361,24 @@ def test_optional_dependencies_say_what_to_install(
     assert code == 2 and "CartPole-v1" in line and "phys2d" not in line
 
 
+def test_preset_envpool_backend_falls_back_with_one_warning_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "envpool", None)  # not installed
+    tiny = ["--generations", "1", "--set", "max_episode_steps=20", "--set", "eval.every=0", *TINY]
+    code, _, err = cli(capsys, "train", "LunarLander-v3", "--out", tmp_path, *tiny)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "envpool" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: "), err
+    assert "pip install 'eggroll-rl[envpool]'" in warned[0] and "[measured]" in warned[0]
+    config = (tmp_path / "LunarLander-v3" / "config.json").read_text()
+    assert '"backend": "sync"' in config
+    code, _, err = cli(
+        capsys, "train", "LunarLander-v3", "--out", tmp_path, "--set", "rollout.backend=envpool", *tiny
+    )
+    assert code == 2 and "pip install 'eggroll-rl[envpool]'" in one_error_line(err)
+
+
 def test_record_without_rgb_array_and_no_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(capsys, "train", "endless_env:EggrollTest/NoRender-v0", "--generations", "1", *TINY)
     assert code == 0, err
