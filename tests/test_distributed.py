@@ -247,6 +247,46 @@ def evaluate_raising(where: str) -> dict:
     return {"error": None}
 
 
+def train_run(out: str) -> dict:
+    """Train a tiny CartPole run (evaluations at generation 2 and the final one at 3); return it."""
+    from eggroll_rl import rollout
+    from eggroll_rl.presets import apply_overrides, load_preset
+    from eggroll_rl.run import train
+
+    played: list[tuple[int, int]] = []
+    real = rollout._play
+
+    def counting(*args, **kwargs):
+        played.append((args[3], args[4]))
+        return real(*args, **kwargs)
+
+    rollout._play = counting
+    preset = apply_overrides(
+        load_preset("CartPole-v1"),
+        [
+            "population=8",
+            "generations=3",
+            "eval.every=2",
+            "eval.episodes=5",
+            "stop_on_target=false",
+            "hidden_sizes=4",
+            "normalize_obs=false",
+            "checkpoint_every=0",
+        ],
+    )
+    try:
+        result = train(preset, out)
+    finally:
+        rollout._play = real
+    r = result.results
+    keys = ("mean", "std", "eval_length_mean", "eval_env_steps", "env_steps", "generations")
+    return {
+        "results": {k: r.get(k) for k in keys},  # rank 0 alone writes the results
+        "evals": [(row["eval_mean"], row["eval_std"]) for row in result.rows],
+        "played": World.current().all_gather_object(played),
+    }
+
+
 # -- tests ------------------------------------------------------------------------------------------
 def assert_same(a: dict, b: dict) -> None:
     assert torch.equal(a["params"], b["params"])
@@ -366,6 +406,16 @@ def test_evaluations_split_over_two_processes_match_one_bit_for_bit():
         assert multi["cartpole5-envpool"]["played"] == [[(0, 5)], []]
     # The cases are not trivially equal: lengths vary within an evaluation.
     assert len(set(single["cartpole7"]["lengths"].tolist())) > 1
+
+
+def test_a_two_process_run_evaluates_like_one(tmp_path):
+    multi = run_distributed(2, train_run, {"out": str(tmp_path / "two")}, timeout=120)
+    single = train_run(str(tmp_path / "one"))
+    assert multi["results"] == single["results"] and multi["evals"] == single["evals"]
+    assert [m is not None for m, _ in single["evals"]] == [False, True, False]
+    # The periodic evaluation and the final one, each shared 3 + 2 over the ranks.
+    assert multi["played"] == [[(0, 3)] * 2, [(3, 5)] * 2]
+    assert single["played"] == [[(0, 5)] * 2]
 
 
 @pytest.mark.parametrize(
