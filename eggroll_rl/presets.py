@@ -561,7 +561,8 @@ def _validate(p: Preset) -> None:
         need(
             r.train_max_episode_steps <= r.max_episode_steps,
             "rollout.train_max_episode_steps",
-            f"must be <= rollout.max_episode_steps = {r.max_episode_steps} (the cap evaluations use)",
+            f"must be <= rollout.max_episode_steps = {r.max_episode_steps} (the cap evaluations use; "
+            "lower it too, or set it to none)",
         )
     need(all(h >= 1 for h in pol.hidden_sizes), "policy.hidden_sizes", "every layer needs >= 1 unit")
     need(ev.every >= 0, "eval.every", "must be >= 0 (0: evaluate only after training)")

@@ -933,7 +933,10 @@ def evaluate(
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
     world = world if world is not None else World()
-    kernel = _center_kernel(policy)
+    try:
+        kernel = _center_kernel(policy)
+    except Exception as exc:
+        world.fail(exc)  # every rank raises a DistributedError naming this one
     split = world.size > 1 and kernel is not None and isinstance(env, str | gym.envs.registration.EnvSpec)
     split = split and backend != "envpool"
     if world.size > 1:
@@ -962,7 +965,7 @@ def evaluate(
         try:
             mine = play(block.start, block.stop)
         except Exception as exc:
-            world.fail(exc)  # every rank raises a DistributedError naming this one
+            world.fail(exc)
         parts = world.all_gather_object(mine)
         returns = np.concatenate([r for r, _ in parts])
         lengths = np.concatenate([n for _, n in parts])
