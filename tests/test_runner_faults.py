@@ -534,6 +534,7 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys(capsys: pytest.C
         and "valid keys:" in line
         and "trainer.sigma" in line
         and "rollout.max_episode_steps" in line
+        and "rollout.train_max_episode_steps" in line
     )
 
 
