@@ -106,7 +106,8 @@ class RolloutSettings:
     """How each member's fitness is measured."""
 
     episodes_per_member: int = 1  # fitness = mean return over this many episodes
-    max_episode_steps: int | None = None  # None: the env spec's limit
+    max_episode_steps: int | None = None  # the run's cap, evaluations included; None: the env spec's limit
+    train_max_episode_steps: int | None = None  # training episodes only; None: max_episode_steps
     backend: Backend = "auto"  # auto: the env's own vector implementation if any, else sync
     obs_norm_fraction: float = 0.01  # share of sub-envs whose observations feed the normaliser
     reward_shift: float = 0.0  # ARS's shift: subtracted from every training reward (evaluations: none)
@@ -552,6 +553,18 @@ def _validate(p: Preset) -> None:
         "rollout.max_episode_steps",
         "must be >= 1 or none",
     )
+    need(
+        r.train_max_episode_steps is None or r.train_max_episode_steps >= 1,
+        "rollout.train_max_episode_steps",
+        "must be >= 1 or none",
+    )
+    if r.train_max_episode_steps is not None and r.max_episode_steps is not None:
+        need(
+            r.train_max_episode_steps <= r.max_episode_steps,
+            "rollout.train_max_episode_steps",
+            f"must be <= rollout.max_episode_steps = {r.max_episode_steps} (the cap evaluations use; "
+            "lower it too, or set it to none)",
+        )
     need(all(h >= 1 for h in pol.hidden_sizes), "policy.hidden_sizes", "every layer needs >= 1 unit")
     need(ev.every >= 0, "eval.every", "must be >= 0 (0: evaluate only after training)")
     need(ev.episodes >= 1, "eval.episodes", "must be >= 1")

@@ -70,6 +70,8 @@ from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
+from . import kernels
+from .distributed import World
 from .population import BatchedFitness, Population
 from .presets import similar_env_ids, split_env_id
 
@@ -872,6 +874,48 @@ def _one_thread(active: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _center_kernel(policy: torch.nn.Module) -> kernels.MLPKernel | None:
+    """Return the fused CPU kernel computing ``policy(x)`` row by row, or None where it does not apply.
+
+    Each output row is a fixed-order sum over that row's inputs only, so a row's result does not
+    depend on the batch it is in (PyTorch's GEMM can round a row differently with another batch
+    size). It applies to a float32 `Policy` whose module graph is exactly its ``mlp_plan()`` (a
+    copy on the CPU when the policy lives on an accelerator), when the kernel is compiled here.
+    """
+    from .policies import plain_module_graph
+
+    params = list(policy.parameters())
+    if (
+        not params
+        or any(t.dtype != torch.float32 for t in params)
+        or not callable(getattr(policy, "mlp_plan", None))
+    ):
+        return None
+    if params[0].device.type != "cpu":
+        import copy
+
+        policy = copy.deepcopy(policy).cpu()
+    plan = policy.mlp_plan()
+    if plan is None or not kernels.available():
+        return None
+    normalizer, stack = plan
+    planned = {id(t) for mod, _ in stack for t in (mod.weight, mod.bias) if t is not None}
+    if not (
+        plain_module_graph(policy)
+        and all(type(mod) is torch.nn.Linear for mod, _ in stack)
+        and {id(t) for t in policy.parameters()} == planned
+    ):
+        return None
+    layers = [kernels.MLPLayer(mod.weight, mod.bias, activation) for mod, activation in stack]
+    if normalizer is not None:  # the kernel reads these at every call: keep private copies
+        mean, std, clip = normalizer
+        normalizer = (mean.detach().clone(), std.detach().clone(), clip)
+    try:
+        return kernels.MLPKernel(layers, normalizer)
+    except ValueError:  # a width or activation the kernel does not take
+        return None
+
+
 def evaluate(
     policy: torch.nn.Module,
     env: EnvLike,
@@ -883,47 +927,79 @@ def evaluate(
     *,
     backend: str = "auto",
     env_kwargs: Mapping[str, Any] | None = None,
+    world: World | None = None,
 ) -> EvalResult:
     """Play the policy for exactly `episodes` episodes and return their returns and lengths.
 
     Episode ``e`` starts from ``reset(seed=derive_seed(1, seed, e))`` whatever sub-env plays
-    it; `num_envs` sub-envs (default ``min(episodes, 128)``) take the next episode as soon as
-    theirs ends (`run_episodes`), and every episode runs to its end, so short episodes cannot
-    crowd out long ones and bias the mean. Raises ValueError if ``episodes < 1``.
+    it; `num_envs` sub-envs (default ``min(episodes, 128)``, per process) take the next episode
+    as soon as theirs ends (`run_episodes`), and every episode runs to its end (or
+    `max_episode_steps`), so short episodes cannot crowd out long ones and bias the mean. With
+    ``deterministic=False`` actions are sampled, episode ``e`` from its own generator seeded by
+    ``(seed, e)``.
+
+    Where the fused CPU kernel computes the policy (a float32 `Policy`, see `make_policy`), each
+    row's outputs do not depend on which rows share its batch, so the result is the same bits
+    however the episodes are batched or split; otherwise the policy's own forward runs.
+
+    `world` (every rank of it calls `evaluate` with the same arguments): its ranks share the
+    episodes (contiguous blocks of episode indices, gathered in episode order), so the result is
+    bit-identical to a one-process evaluation and every rank returns it. The split needs an env
+    id whose backend seeds every episode (not ``envpool``) and the fused kernel on every rank;
+    otherwise rank 0 plays all episodes and sends the result to the others, so it still does not
+    depend on the number of processes. A rank that raises stops every rank with a
+    `~eggroll_rl.distributed.DistributedError` naming it. None: this process plays everything.
+
+    Returns an `EvalResult` (returns float64 ``(episodes,)``, lengths int64 ``(episodes,)``).
+    Raises ValueError if ``episodes < 1``.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
-    if isinstance(env, VectorEnv):
-        num_envs = num_envs or env.num_envs
-    num_envs = num_envs or min(episodes, 128)
-    owned = not isinstance(env, VectorEnv)
-    vec = make_vec_env(
-        env,
-        num_envs,
-        backend=backend,
-        max_episode_steps=max_episode_steps,
-        seed=seed,
-        **dict(env_kwargs or {}),
-    )
-    seeds = [derive_seed(_EVAL, seed, e) for e in range(episodes)]
-    rng = None if deterministic else np.random.default_rng(derive_seed(_ACT, seed))
-    device = next(policy.parameters(), torch.empty(0)).device
-
-    def forward(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return policy(x.to(device))
-
-    def act(out: torch.Tensor) -> np.ndarray:
-        return policy.act(out, deterministic=deterministic, rng=rng)
-
+    world = world if world is not None else World()
     try:
-        with torch.no_grad(), _one_thread(device.type == "cpu"):
-            batch = run_episodes(
-                vec, policy.preprocess, forward, act, np.zeros(episodes, np.int64), seeds, max_episode_steps
-            )
-    finally:
-        if owned:
-            vec.close()
-    returns, lengths = batch.returns, batch.lengths
+        kernel = _center_kernel(policy)
+    except Exception as exc:
+        world.fail(exc)  # every rank raises a DistributedError naming this one
+    split = world.size > 1 and kernel is not None and isinstance(env, str | gym.envs.registration.EnvSpec)
+    split = split and backend != "envpool"
+    if world.size > 1:
+        # Every rank must take the same path; one that cannot compute the kernel keeps rank 0 alone.
+        split = all(world.all_gather_object(split))
+
+    def play(first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        if first >= stop:
+            return np.zeros(0), np.zeros(0, np.int64)
+        return _play(
+            policy,
+            kernel,
+            env,
+            first,
+            stop,
+            seed,
+            num_envs,
+            max_episode_steps,
+            deterministic,
+            backend,
+            env_kwargs,
+        )
+
+    if split:
+        block = world.member_slice(episodes)
+        try:
+            mine = play(block.start, block.stop)
+        except Exception as exc:
+            world.fail(exc)
+        parts = world.all_gather_object(mine)
+        returns = np.concatenate([r for r, _ in parts])
+        lengths = np.concatenate([n for _, n in parts])
+    else:
+        played = None
+        if world.is_main:
+            try:
+                played = play(0, episodes)
+            except Exception as exc:
+                world.fail(exc)
+        returns, lengths = world.broadcast_object(played)
     nonfinite = int((~np.isfinite(returns)).sum())
     with np.errstate(invalid="ignore"):  # inf - inf: the mean is NaN, said by `nonfinite`
         mean = float(returns.mean())
@@ -935,3 +1011,69 @@ def evaluate(
         length_mean=float(lengths.mean()),
         nonfinite=nonfinite,
     )
+
+
+def _play(
+    policy: torch.nn.Module,
+    kernel: kernels.MLPKernel | None,
+    env: EnvLike,
+    first: int,
+    stop: int,
+    seed: int,
+    num_envs: int | None,
+    max_episode_steps: int | None,
+    deterministic: bool,
+    backend: str,
+    env_kwargs: Mapping[str, Any] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Play evaluation episodes ``first .. stop-1``; return their returns and lengths."""
+    count = stop - first
+    if isinstance(env, VectorEnv):
+        num_envs = num_envs or env.num_envs
+    num_envs = num_envs or min(count, 128)
+    owned = not isinstance(env, VectorEnv)
+    vec = make_vec_env(
+        env,
+        num_envs,
+        backend=backend,
+        max_episode_steps=max_episode_steps,
+        seed=seed,
+        **dict(env_kwargs or {}),
+    )
+    episodes = np.arange(first, stop, dtype=np.int64)
+    seeds = [derive_seed(_EVAL, seed, int(e)) for e in episodes]
+    device = next(policy.parameters(), torch.empty(0)).device
+    on_cpu = kernel is not None or device.type == "cpu"
+
+    def outputs(x: torch.Tensor) -> torch.Tensor:
+        return kernel(x) if kernel is not None else policy(x.to(device))
+
+    if deterministic:
+
+        def forward(x: torch.Tensor, rows: torch.Tensor) -> Any:
+            return outputs(x)
+
+        def act(out: Any) -> np.ndarray:
+            return policy.act(out, deterministic=True)
+
+    else:
+        # One generator per episode (the row -> member map carries the episode index), so an
+        # episode's actions do not depend on which episodes share its batch or process.
+        rngs = {int(e): np.random.default_rng(derive_seed(_ACT, seed, int(e))) for e in episodes}
+
+        def forward(x: torch.Tensor, rows: torch.Tensor) -> Any:
+            return outputs(x), rows.tolist()
+
+        def act(out: Any) -> np.ndarray:
+            y, rows = out
+            return np.concatenate(
+                [policy.act(y[i : i + 1], deterministic=False, rng=rngs[e]) for i, e in enumerate(rows)]
+            )
+
+    try:
+        with torch.no_grad(), _one_thread(on_cpu):
+            batch = run_episodes(vec, policy.preprocess, forward, act, episodes, seeds, max_episode_steps)
+    finally:
+        if owned:
+            vec.close()
+    return batch.returns, batch.lengths

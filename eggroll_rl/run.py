@@ -10,12 +10,14 @@ This is what ``eggroll-rl train`` runs, as a library function the CLI, benchmark
 
 A run steps the trainer generation by generation. Every ``eval.every`` generations it evaluates
 the center policy on fresh episodes (seeds derived from the run seed and the generation, under
-the run's one episode cap) and stops once the mean reaches the target (the preset's, else the env
-spec's ``reward_threshold``). Every ``run.checkpoint_every`` generations, and whenever it stops,
-it writes a checkpoint (the full trainer state plus the run's own rows) into the agent directory;
-``resume=True`` continues from it exactly: the resumed run's parameters and history equal an
-uninterrupted run's. At the end it evaluates the center once more (unless the last periodic
-evaluation was of this very center) and writes the agent atomically.
+the run's one episode cap: ``rollout.max_episode_steps``, else the env's limit; training
+episodes alone may be capped shorter by ``rollout.train_max_episode_steps``) and stops once the
+mean reaches the target (the preset's, else the env spec's ``reward_threshold``). Every
+``run.checkpoint_every`` generations, and whenever it stops, it writes a checkpoint (the full
+trainer state plus the run's own rows) into the agent directory; ``resume=True`` continues from
+it exactly: the resumed run's parameters and history equal an uninterrupted run's. At the end it
+evaluates the center once more (unless the last periodic evaluation was of this very center) and
+writes the agent atomically.
 
 Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the run to stop after the current generation (said at
 once on stderr): it then checkpoints, evaluates and saves like any other stop, except that it
@@ -23,8 +25,11 @@ never replaces an agent already in its directory. A second signal aborts at once
 last checkpoint. A ``KeyboardInterrupt`` raised between generations (e.g. by ``callback``)
 counts as the first kind.
 
-Under ``torch.distributed`` (``--nproc``, torchrun) every rank runs this same function; rank 0
-alone evaluates, prints and writes, and its stop decision is broadcast so all ranks stop together.
+Under ``torch.distributed`` (``--nproc``, torchrun) every rank runs this same function. The
+evaluations share their episodes over the ranks (:func:`~eggroll_rl.rollout.evaluate` with the
+trainer's world: bit-identical to one process, the same result on every rank); rank 0 alone
+prints and writes, and its stop decision (target, time budget, Ctrl-C) is broadcast so all ranks
+stop together.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ __all__ = [
     "RunResult",
     "StopRequest",
     "build_trainer",
+    "check_episode_caps",
     "env_target",
     "evaluation_due",
     "resolve_device",
@@ -190,6 +196,37 @@ def _fitness_shaping(t: Any) -> Any:
     return top_directions(t.top_directions, t.fitness_shaping)
 
 
+def check_episode_caps(preset: Preset) -> None:
+    """Raise RunError unless ``rollout.train_max_episode_steps`` is at most the run's episode cap.
+
+    The run's cap is ``rollout.max_episode_steps``, else the env's registered limit (else
+    :data:`~eggroll_rl.rollout.DEFAULT_MAX_EPISODE_STEPS`); an id gymnasium does not know
+    (an envpool-only task) is not checked here.
+    """
+    r = preset.rollout
+    if r.train_max_episode_steps is None:
+        return
+    from eggroll_rl.rollout import _find_spec, episode_cap
+
+    if r.max_episode_steps is None:
+        try:
+            spec = _find_spec(preset.env_id)
+        except ValueError:
+            return
+        cap = spec.max_episode_steps
+        where = "the env's registered limit"
+        if cap is None:
+            cap = episode_cap(spec)
+            where = "the default cap of an env registered without one"
+    else:
+        cap, where = r.max_episode_steps, "rollout.max_episode_steps"
+    if r.train_max_episode_steps > cap:
+        raise RunError(
+            f"rollout.train_max_episode_steps: must be <= the run's episode cap {cap} ({where}), "
+            f"got {r.train_max_episode_steps}"
+        )
+
+
 def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
     """Build the policy, the rollout fitness and the trainer a preset describes; return the trainer."""
     import gymnasium as gym
@@ -207,10 +244,14 @@ def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
     # Seed the initial weights from the run seed so a run is reproducible from its config alone.
     torch.manual_seed(t.seed)
     policy = make_policy(obs_space, act_space, **dataclasses.asdict(pol)).to(device)
+    check_episode_caps(preset)
     fitness = RolloutFitness(
         preset.env_id,
         episodes_per_member=r.episodes_per_member,
-        max_episode_steps=r.max_episode_steps,
+        # Training episodes only; every evaluation keeps the run's cap (_evaluate_center).
+        max_episode_steps=r.max_episode_steps
+        if r.train_max_episode_steps is None
+        else r.train_max_episode_steps,
         seed=t.seed,
         backend=r.backend,
         obs_norm=pol.normalize_obs,
@@ -370,7 +411,8 @@ def _evaluate_center(trainer: Any, preset: Preset) -> Any:
 
     policy = trainer.get_center_model()
     policy.eval()
-    # The run's one episode cap (rollout.max_episode_steps, else the env's own limit).
+    # The run's one episode cap (rollout.max_episode_steps, else the env's own limit), never the
+    # training-only rollout.train_max_episode_steps; the episodes are shared over the ranks.
     return evaluate(
         policy,
         preset.env_id,
@@ -378,6 +420,7 @@ def _evaluate_center(trainer: Any, preset: Preset) -> Any:
         seed=_eval_seed(preset.trainer.seed, trainer.generation),
         max_episode_steps=preset.rollout.max_episode_steps,
         backend=preset.rollout.backend,
+        world=trainer.world,
     )
 
 
@@ -524,13 +567,16 @@ def train(
                         "eval_std": None,
                     }
 
-                    def decide(gen: int = gen, stats: dict[str, float] = stats) -> dict[str, Any]:
-                        nonlocal last_eval
+                    # Every rank evaluates its share of the episodes (the same result on all).
+                    result = None
+                    if evaluation_due(preset, gen, stats["mean_fitness"]):
+                        result = _evaluate_center(trainer, preset)
+                        last_eval = (gen, result)
+
+                    def decide(result: Any = result) -> dict[str, Any]:
                         decision: dict[str, Any] = {"stop": None}
-                        if evaluation_due(preset, gen, stats["mean_fitness"]):
-                            result = _evaluate_center(trainer, preset)
+                        if result is not None:
                             decision["eval"] = (result.mean, result.std, int(result.lengths.sum()))
-                            last_eval = (gen, result)
                             if target is not None and preset.eval.stop_on_target and result.mean >= target:
                                 decision["stop"] = "target"
                         now = elapsed_before + time.perf_counter() - t_start
@@ -540,8 +586,8 @@ def train(
                             decision["stop"] = "interrupted"
                         return decision
 
-                    # Rank 0 decides (it alone evaluates, and its clock and Ctrl-C count), so
-                    # every rank stops at the same generation.
+                    # Rank 0 decides (its clock and Ctrl-C count), so every rank stops at the
+                    # same generation.
                     decision = world.on_main(decide)
                     if world.size > 1:
                         decision = world.broadcast_object(decision)
@@ -569,12 +615,19 @@ def train(
             world.on_main(checkpoint)
             if stopped == "interrupted":
                 say(f"Interrupted at generation {trainer.generation}: checkpoint saved to {ckpt_file}")
+            final_eval = (
+                last_eval[1] if last_eval is not None and last_eval[0] == trainer.generation else None
+            )
+            if final_eval is None:
+                say(f"Evaluating the final policy on {preset.eval.episodes} episodes...")
+                final_eval = _evaluate_center(trainer, preset)  # every rank plays its share
+                eval_steps += int(final_eval.lengths.sum())
             results = world.on_main(
                 _finish,
                 trainer,
                 preset,
                 rows,
-                last_eval,
+                final_eval,
                 target,
                 elapsed,
                 eval_steps,
@@ -666,7 +719,7 @@ def _finish(
     trainer: Any,
     preset: Preset,
     rows: list[dict[str, Any]],
-    last_eval: tuple[int, Any] | None,
+    result: Any,
     target: float | None,
     elapsed: float,
     eval_steps: int,
@@ -675,18 +728,13 @@ def _finish(
     say: Callable[[str], None],
     notes: list[str],
 ) -> dict[str, Any]:
-    """Evaluate the final center (unless just done) and write the agent; return its results.
+    """Write the agent with the final center's evaluation ``result``; return its results.
 
-    An interrupted run leaves an agent already in ``directory`` as it was. When the agent
-    cannot be written to ``directory`` it goes to a temporary directory (said in ``notes``).
+    ``eval_steps`` already counts ``result``'s episodes. An interrupted run leaves an agent
+    already in ``directory`` as it was. When the agent cannot be written to ``directory`` it
+    goes to a temporary directory (said in ``notes``).
     """
     gen = trainer.generation
-    if last_eval is not None and last_eval[0] == gen:
-        result = last_eval[1]
-    else:
-        say(f"Evaluating the final policy on {preset.eval.episodes} episodes...")
-        result = _evaluate_center(trainer, preset)
-        eval_steps += int(result.lengths.sum())
     # The final evaluation goes into the agent's history only, not the checkpoint's rows: a run
     # resumed from here must record exactly what an uninterrupted run records.
     history = [dict(r) for r in rows]

@@ -7,7 +7,9 @@ so the spawned processes can import them.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,6 +133,160 @@ def rollout_case(generations: int) -> dict:
     return s
 
 
+class RaisesOnRank0(torch.nn.Module):
+    """A policy whose forward raises in rank 0 (no fused kernel: rank 0 plays every episode)."""
+
+    def __init__(self, policy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.preprocess, self.act = policy.preprocess, policy.act
+
+    def forward(self, x):
+        if World.current().rank == 0:
+            raise ValueError("policy failed on rank 0")
+        return self.policy(x)
+
+
+EVAL_CASES = [
+    # (name, env id, episodes, deterministic, backend, fused kernel)
+    ("cartpole7", "CartPole-v1", 7, True, "auto", True),  # 4 + 3: uneven
+    ("cartpole1", "CartPole-v1", 1, True, "auto", True),  # fewer episodes than ranks
+    ("cartpole7-sampled", "CartPole-v1", 7, False, "sync", True),
+    ("pendulum5-sampled", "Pendulum-v1", 5, False, "auto", True),  # Box actions, Gaussian noise
+    ("pendulum3", "Pendulum-v1", 3, True, "auto", True),
+    ("pendulum5-no-kernel", "Pendulum-v1", 5, True, "auto", False),  # rank 0 plays them all
+    ("cartpole5-envpool", "CartPole-v1", 5, True, "envpool", True),  # cannot seed: rank 0 alone
+]
+
+
+def eval_policy(env_id: str):
+    """A small policy with a non-trivial observation normaliser (fixed seed)."""
+    import gymnasium as gym
+
+    from eggroll_rl.policies import make_policy
+
+    env = gym.make(env_id)
+    policy = make_policy(env.observation_space, env.action_space, (8,), seed=1)
+    env.close()
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    policy.obs_norm.update(torch.randn(64, policy.obs_dim, generator=torch.Generator().manual_seed(2)))
+    policy.obs_norm.freeze()
+    return policy
+
+
+def evaluate_cases(cases: list[str]) -> dict:
+    """Evaluate each case with the process group's world; return rank 0's results and the split."""
+    import warnings
+
+    from eggroll_rl import rollout
+
+    world = World.current()
+    played: list[tuple[int, int]] = []
+    real = rollout._play
+
+    def counting(*args, **kwargs):
+        played.append((args[3], args[4]))  # (first, stop) episode indices
+        return real(*args, **kwargs)
+
+    rollout._play = counting
+    out = {}
+    for name, env_id, episodes, deterministic, backend, fused in EVAL_CASES:
+        if name not in cases:
+            continue
+        policy = eval_policy(env_id)
+        played.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # envpool: no common random numbers
+            if not fused:
+                rollout._center_kernel, saved = (lambda policy: None), rollout._center_kernel
+            try:
+                result = rollout.evaluate(
+                    policy,
+                    env_id,
+                    episodes,
+                    seed=5,
+                    deterministic=deterministic,
+                    backend=backend,
+                    world=world,
+                )
+            finally:
+                if not fused:
+                    rollout._center_kernel = saved
+        mine = (result.returns.tobytes(), result.lengths.tobytes(), result.mean, result.std)
+        out[name] = {
+            "returns": result.returns,
+            "lengths": result.lengths,
+            "mean": result.mean,
+            "ranks_agree": len(set(world.all_gather_object(mine))) == 1,
+            "played": world.all_gather_object(list(played)),
+        }
+    rollout._play = real
+    return out
+
+
+def evaluate_raising(where: str) -> dict:
+    """Evaluate where rank 1's env raises (episodes split) or rank 0's policy raises (rank 0 alone).
+
+    Every rank catches the DistributedError itself (no launcher safety net) and reports it.
+    """
+    import endless_env  # noqa: F401
+
+    from eggroll_rl.rollout import evaluate
+
+    world = World.current()
+    try:
+        if where == "env":
+            policy = eval_policy("EggrollTest/Endless-v0")
+            evaluate(policy, "EggrollTest/RaiseOnRank1-v0", 4, max_episode_steps=10, world=world)
+        else:
+            evaluate(RaisesOnRank0(eval_policy("Pendulum-v1")), "Pendulum-v1", 4, world=world)
+    except DistributedError as exc:
+        return {"error": str(exc), "failures": exc.failures, "ranks": world.all_gather_object(str(exc))}
+    return {"error": None}
+
+
+def train_run(out: str) -> dict:
+    """Train a tiny CartPole run (evaluations at generation 2 and the final one at 3); return it."""
+    from eggroll_rl import rollout
+    from eggroll_rl.presets import apply_overrides, load_preset
+    from eggroll_rl.run import train
+
+    played: list[tuple[int, int]] = []
+    real = rollout._play
+
+    def counting(*args, **kwargs):
+        played.append((args[3], args[4]))
+        return real(*args, **kwargs)
+
+    rollout._play = counting
+    preset = apply_overrides(
+        load_preset("CartPole-v1"),
+        [
+            "population=8",
+            "generations=3",
+            "eval.every=2",
+            "eval.episodes=5",
+            "stop_on_target=false",
+            "hidden_sizes=4",
+            "normalize_obs=false",
+            "checkpoint_every=0",
+        ],
+    )
+    try:
+        result = train(preset, out)
+    finally:
+        rollout._play = real
+    r = result.results
+    keys = ("mean", "std", "eval_length_mean", "eval_env_steps", "env_steps", "generations")
+    return {
+        "results": {k: r.get(k) for k in keys},  # rank 0 alone writes the results
+        "evals": [(row["eval_mean"], row["eval_std"]) for row in result.rows],
+        "played": World.current().all_gather_object(played),
+    }
+
+
 # -- tests ------------------------------------------------------------------------------------------
 def assert_same(a: dict, b: dict) -> None:
     assert torch.equal(a["params"], b["params"])
@@ -223,6 +379,59 @@ def test_torchrun_entry_point_matches_single_process():
     single = build("eggroll8")
     single.train(3)
     assert lines[0] == "params " + hashlib.sha256(single.current_params.numpy().tobytes()).hexdigest()
+
+
+def test_evaluations_split_over_two_processes_match_one_bit_for_bit():
+    cases = [c[0] for c in EVAL_CASES]
+    if importlib.util.find_spec("envpool") is None:
+        cases.remove("cartpole5-envpool")
+    multi = run_distributed(2, evaluate_cases, {"cases": cases}, timeout=120)
+    single = evaluate_cases(cases)
+    for name, _, episodes, *_ in EVAL_CASES:
+        if name not in cases:
+            continue
+        m, s = multi[name], single[name]
+        assert m["ranks_agree"], name
+        assert m["returns"].tobytes() == s["returns"].tobytes(), name  # same bits, episode order
+        assert m["lengths"].tobytes() == s["lengths"].tobytes(), name
+        assert m["mean"] == s["mean"] and m["returns"].shape == (episodes,), name
+        assert s["played"] == [[(0, episodes)]], name
+    # Contiguous blocks: 7 = 4 + 3; a single episode goes to rank 0 and rank 1 plays none.
+    assert multi["cartpole7"]["played"] == [[(0, 4)], [(4, 7)]]
+    assert multi["cartpole1"]["played"] == [[(0, 1)], []]
+    assert multi["pendulum5-sampled"]["played"] == [[(0, 3)], [(3, 5)]]
+    # Without the row-independent kernel, or on envpool (no per-episode seeds), rank 0 plays all.
+    assert multi["pendulum5-no-kernel"]["played"] == [[(0, 5)], []]
+    if "cartpole5-envpool" in cases:
+        assert multi["cartpole5-envpool"]["played"] == [[(0, 5)], []]
+    # The cases are not trivially equal: lengths vary within an evaluation.
+    assert len(set(single["cartpole7"]["lengths"].tolist())) > 1
+
+
+def test_a_two_process_run_evaluates_like_one(tmp_path):
+    multi = run_distributed(2, train_run, {"out": str(tmp_path / "two")}, timeout=120)
+    single = train_run(str(tmp_path / "one"))
+    assert multi["results"] == single["results"] and multi["evals"] == single["evals"]
+    assert [m is not None for m, _ in single["evals"]] == [False, True, False]
+    # The periodic evaluation and the final one, each shared 3 + 2 over the ranks.
+    assert multi["played"] == [[(0, 3)] * 2, [(3, 5)] * 2]
+    assert single["played"] == [[(0, 5)] * 2]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("env", r"rank 1 failed: RuntimeError: env exploded on rank 1 \(endless_env.py:\d+\)"),
+        ("policy", r"rank 0 failed: ValueError: policy failed on rank 0 \(test_distributed.py:\d+\)"),
+    ],
+)
+def test_a_rank_that_raises_in_an_evaluation_stops_every_rank_naming_it(where, message):
+    start = time.monotonic()
+    # Long timeout and grace: only evaluate's own status exchange can end this within seconds.
+    out = run_distributed(2, evaluate_raising, {"where": where}, timeout=300, grace=300)
+    assert time.monotonic() - start < 60
+    assert re.fullmatch(message, out["error"]) and len(out["failures"]) == 1
+    assert out["ranks"] == [out["error"]] * 2  # both ranks raised the same DistributedError
 
 
 # -- no processes -----------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_rollout_feeds_the_normaliser_every_observation_with_fraction_one() -> N
 
     preset = apply_overrides(
         load_preset("Swimmer-v5"),
-        ["population=4", "max_episode_steps=30", "obs_norm_fraction=1", "normalize_obs=true"],
+        ["population=4", "train_max_episode_steps=30", "obs_norm_fraction=1", "normalize_obs=true"],
     )
     trainer = build_trainer(preset)
     trainer.step()
@@ -276,7 +276,14 @@ def _tiny_agent(env_id: str, out: Path) -> Path:
     top = 2 if preset.trainer.top_directions else 0  # keep top-b in play at a tiny population
     preset = apply_overrides(
         preset,
-        [f"top_directions={top}", "population=8", "generations=2", "max_episode_steps=20", "eval.every=0"],
+        [
+            f"top_directions={top}",
+            "population=8",
+            "generations=2",
+            "max_episode_steps=20",  # one 20-step cap, evaluations included
+            "train_max_episode_steps=none",
+            "eval.every=0",
+        ],
     )
     result = train(apply_overrides(preset, ["eval.episodes=1"]), out)
     assert result.generations == 2 and result.env_steps <= 2 * 8 * 20

@@ -235,6 +235,8 @@ BASE = Preset(env_id="CartPole-v1")
         ("target=none", "target", None),
         ("max_episode_steps=200", "rollout.max_episode_steps", 200),
         ("max_episode_steps=null", "rollout.max_episode_steps", None),
+        ("train_max_episode_steps=300", "rollout.train_max_episode_steps", 300),
+        ("train-max-episode-steps=none", "rollout.train_max_episode_steps", None),
         ("max_seconds=30", "run.max_seconds", 30.0),
         ("generations=5", "trainer.generations", 5),  # the budget, not measured.generations
         ("measured.generations=5", "measured.generations", 5),
@@ -322,6 +324,8 @@ def test_overrides_apply_together_before_validation() -> None:
         ("lr_decay=1.5", "trainer.lr_decay: must be in (0, 1]"),
         ("episodes_per_member=0", "rollout.episodes_per_member: must be >= 1"),
         ("max_episode_steps=0", "rollout.max_episode_steps: must be >= 1"),
+        ("train_max_episode_steps=0", "rollout.train_max_episode_steps: must be >= 1 or none, got 0"),
+        ("train_max_episode_steps=1.5", "rollout.train_max_episode_steps: expected an integer or none"),
         ("hidden_sizes=64,0", "policy.hidden_sizes: every layer"),
         ("eval.every=-1", "eval.every: must be >= 0"),
         ("episodes=0", "eval.episodes: must be >= 1"),

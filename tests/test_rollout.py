@@ -14,6 +14,7 @@ from gymnasium import spaces
 from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+from eggroll_rl import rollout
 from eggroll_rl.core import EGGROLLTrainer
 from eggroll_rl.policies import make_policy
 from eggroll_rl.population import BatchedFitness
@@ -500,6 +501,32 @@ def test_evaluate_forwards_on_one_torch_thread_and_restores_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "sampled"])
+def test_evaluate_gives_the_same_bits_however_episodes_are_batched(deterministic):
+    """Row-independent forward (fused kernel) and per-episode sampling: num_envs changes nothing.
+
+    PyTorch's GEMM may round a row differently in another batch size; on Pendulum (continuous
+    actions, chaotic) one different bit changes the returns, so equality here is a real check.
+    """
+    env = gym.make("Pendulum-v1")
+    policy = make_policy(env.observation_space, env.action_space, hidden_sizes=(16,), seed=1)
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    policy.obs_norm.update(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 2)
+    policy.obs_norm.freeze()
+    runs = [
+        evaluate(policy, "Pendulum-v1", episodes=5, seed=3, num_envs=n, deterministic=deterministic)
+        for n in (None, 1, 2)
+    ]
+    assert all(r.returns.tobytes() == runs[0].returns.tobytes() for r in runs)
+    assert len(set(runs[0].returns.tolist())) == 5
+    # What evaluate forwards through is the policy itself, up to float32 rounding.
+    x = torch.randn(33, 3, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(rollout._center_kernel(policy)(x), policy(x), rtol=1e-5, atol=1e-6)
 
 
 def test_record_episode_forwards_on_one_torch_thread(tmp_path):

@@ -218,6 +218,76 @@ def test_library_evaluate_and_rollout_cap_an_endless_env() -> None:
     assert result.returns.tolist() == [float(DEFAULT_MAX_EPISODE_STEPS)]
 
 
+def _limited_env() -> str:
+    """Register Endless with a 40-step limit (reward 1 per step: a return is the episode's length)."""
+    import endless_env
+    import gymnasium as gym
+
+    if "EggrollTest/Limited-v0" not in gym.registry:
+        gym.register(id="EggrollTest/Limited-v0", entry_point=endless_env.Endless, max_episode_steps=40)
+    return "EggrollTest/Limited-v0"
+
+
+def test_training_cap_ends_training_episodes_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eggroll_rl.presets import Preset, apply_overrides
+    from eggroll_rl.run import train
+
+    env_id = _limited_env()
+    base = apply_overrides(
+        Preset(env_id),
+        [
+            "population=4",
+            "generations=2",
+            "eval.every=1",
+            "eval.episodes=2",
+            "hidden_sizes=4",
+            "checkpoint_every=0",
+        ],
+    )
+    for run_cap, train_cap, trained, evaluated in [
+        (None, 7, 7, 40),  # evaluations run to the env's registered limit
+        (20, 7, 7, 20),  # ... or to the run's own cap
+        (20, None, 20, 20),  # no training cap: the run's cap everywhere
+    ]:
+        preset = apply_overrides(base, {"max_episode_steps": run_cap, "train_max_episode_steps": train_cap})
+        result = train(preset, tmp_path / "runs")
+        assert [r["episode_length"] for r in result.rows] == [trained, trained]
+        assert result.env_steps == 2 * 4 * trained
+        assert [r["eval_mean"] for r in result.rows] == [evaluated, evaluated]
+        assert result.results["mean"] == result.results["eval_length_mean"] == evaluated
+        rollout = load_agent(result.directory).config["rollout"]
+        assert (rollout["max_episode_steps"], rollout["train_max_episode_steps"]) == (run_cap, train_cap)
+        # `eggroll-rl eval` of the saved agent plays the run's cap, not the training one.
+        code, out, err = cli(capsys, "eval", result.directory, "--episodes", "3")
+        assert code == 0, err
+        assert f"{evaluated:.2f} +/- 0.00 over 3 episodes" in out
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["train_max_episode_steps=0"], "rollout.train_max_episode_steps: must be >= 1 or none, got 0"),
+        (["train_max_episode_steps=x"], "rollout.train_max_episode_steps: expected an integer or none"),
+        (
+            ["train_max_episode_steps=501"],  # the CartPole preset's max_episode_steps is 500
+            "rollout.train_max_episode_steps: must be <= rollout.max_episode_steps = 500",
+        ),
+        (
+            ["max_episode_steps=none", "train_max_episode_steps=501"],
+            "rollout.train_max_episode_steps: must be <= the run's episode cap 500 (the env's registered",
+        ),
+    ],
+)
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_bad_training_cap_exits_2_with_one_line(
+    sets: list[str], expected: str, nproc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    code, _, err = cli(capsys, "train", "CartPole-v1", *args, "--nproc", nproc, "--no-progress")
+    assert code == 2 and expected in one_error_line(err)
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
 # -- 4. a rank that raises ---------------------------------------------------------------------------------
 
 
@@ -482,6 +552,7 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys(capsys: pytest.C
         and "valid keys:" in line
         and "trainer.sigma" in line
         and "rollout.max_episode_steps" in line
+        and "rollout.train_max_episode_steps" in line
     )
 
 
