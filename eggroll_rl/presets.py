@@ -132,6 +132,9 @@ class EvalSettings:
     # Also evaluate every generation whose mean training fitness reaches this value: a cheap
     # signal that the center may be solved, so short runs need not wait for the next `every`.
     from_fitness: float | None = None
+    # Screen the evaluations that `from_fitness` triggers: first play this many fresh episodes
+    # and run the full `episodes` only when their mean reaches the target (0: no screen).
+    screen_episodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -567,6 +570,7 @@ def _validate(p: Preset) -> None:
         )
     need(all(h >= 1 for h in pol.hidden_sizes), "policy.hidden_sizes", "every layer needs >= 1 unit")
     need(ev.every >= 0, "eval.every", "must be >= 0 (0: evaluate only after training)")
+    need(ev.screen_episodes >= 0, "eval.screen_episodes", "must be >= 0 (0: no screen)")
     need(ev.episodes >= 1, "eval.episodes", "must be >= 1")
     need(
         run.max_seconds is None or (math.isfinite(run.max_seconds) and run.max_seconds > 0),

@@ -90,6 +90,7 @@ RESUMABLE_KEYS = frozenset(
 # differ between a resumed and an uninterrupted run.
 TIMING_COLUMNS = ("time", "generation_seconds", "steps_per_second")
 _EVAL_SEED_DOMAIN = 0x0E7A1
+_SCREEN_SEED_DOMAIN = 0x5C2EE  # screen episodes: fresh seeds, never the evaluation's own
 
 
 class RunError(ValueError):
@@ -396,8 +397,27 @@ class SignalInterrupt(KeyboardInterrupt):
 
 def evaluation_due(preset: Preset, generation: int, mean_fitness: float) -> bool:
     """Whether the center is evaluated after ``generation``: every ``eval.every``, or when promising."""
-    every, promising = preset.eval.every, preset.eval.from_fitness
-    return bool(every and generation % every == 0) or (promising is not None and mean_fitness >= promising)
+    return _periodic(preset, generation) or _promising(preset, mean_fitness)
+
+
+def _periodic(preset: Preset, generation: int) -> bool:
+    every = preset.eval.every
+    return bool(every and generation % every == 0)
+
+
+def _promising(preset: Preset, mean_fitness: float) -> bool:
+    return preset.eval.from_fitness is not None and mean_fitness >= preset.eval.from_fitness
+
+
+def _screen_passes(trainer: Any, preset: Preset, target: float | None) -> tuple[bool, int]:
+    """Play ``eval.screen_episodes`` fresh episodes; return (their mean reaches the target, steps)."""
+    from eggroll_rl.rollout import derive_seed
+
+    if not preset.eval.screen_episodes or target is None:
+        return True, 0
+    seed = derive_seed(_SCREEN_SEED_DOMAIN, preset.trainer.seed, trainer.generation)
+    screen = _evaluate_center(trainer, preset, episodes=preset.eval.screen_episodes, seed=seed)
+    return bool(screen.mean >= target), int(screen.lengths.sum())
 
 
 def _eval_seed(seed: int, generation: int) -> int:
@@ -406,7 +426,9 @@ def _eval_seed(seed: int, generation: int) -> int:
     return derive_seed(_EVAL_SEED_DOMAIN, seed, generation)
 
 
-def _evaluate_center(trainer: Any, preset: Preset) -> Any:
+def _evaluate_center(
+    trainer: Any, preset: Preset, *, episodes: int | None = None, seed: int | None = None
+) -> Any:
     from eggroll_rl.rollout import evaluate
 
     policy = trainer.get_center_model()
@@ -416,8 +438,8 @@ def _evaluate_center(trainer: Any, preset: Preset) -> Any:
     return evaluate(
         policy,
         preset.env_id,
-        episodes=preset.eval.episodes,
-        seed=_eval_seed(preset.trainer.seed, trainer.generation),
+        episodes=preset.eval.episodes if episodes is None else episodes,
+        seed=_eval_seed(preset.trainer.seed, trainer.generation) if seed is None else seed,
         max_episode_steps=preset.rollout.max_episode_steps,
         backend=preset.rollout.backend,
         world=trainer.world,
@@ -569,8 +591,16 @@ def train(
 
                     # Every rank evaluates its share of the episodes (the same result on all).
                     result = None
-                    if evaluation_due(preset, gen, stats["mean_fitness"]):
+                    if _periodic(preset, gen):
                         result = _evaluate_center(trainer, preset)
+                    elif _promising(preset, stats["mean_fitness"]):
+                        # A promising generation: a few fresh episodes first, the full
+                        # evaluation only when they reach the target (eval.screen_episodes).
+                        passed, screened = _screen_passes(trainer, preset, target)
+                        eval_steps += screened
+                        if passed:
+                            result = _evaluate_center(trainer, preset)
+                    if result is not None:
                         last_eval = (gen, result)
 
                     def decide(result: Any = result) -> dict[str, Any]:

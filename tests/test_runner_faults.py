@@ -263,6 +263,36 @@ def test_training_cap_ends_training_episodes_only(tmp_path: Path, capsys: pytest
         assert f"{evaluated:.2f} +/- 0.00 over 3 episodes" in out
 
 
+@pytest.mark.parametrize(("target", "evaluated"), [(41.0, [None, None, None]), (40.0, [40.0])])
+def test_screen_runs_the_full_evaluation_only_when_a_few_episodes_reach_the_target(
+    target: float, evaluated: list[float | None], tmp_path: Path
+) -> None:
+    from eggroll_rl.presets import Preset, apply_overrides
+    from eggroll_rl.run import train
+
+    # Every step earns 1 and evaluations last the env's 40 steps, so a screen's mean is 40.
+    preset = apply_overrides(
+        Preset(_limited_env(), target=target),
+        [
+            "population=4",
+            "generations=3",
+            "train_max_episode_steps=7",
+            "eval.every=0",
+            "eval.from_fitness=0",  # every generation is promising
+            "eval.screen_episodes=3",
+            "eval.episodes=2",
+            "hidden_sizes=4",
+            "checkpoint_every=0",
+        ],
+    )
+    result = train(preset, tmp_path / "runs")
+    assert [r["eval_mean"] for r in result.rows] == evaluated
+    screens = len(evaluated) * 3 * 40  # one 3-episode screen per generation
+    full = 2 * 40  # the full evaluation: after the passed screen, or the final one
+    assert result.results["eval_env_steps"] == screens + full
+    assert result.results["solved"] is (target == 40.0)
+
+
 @pytest.mark.parametrize(
     ("sets", "expected"),
     [
