@@ -465,7 +465,8 @@ def test_preset_envpool_backend_falls_back_with_one_warning_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "envpool", None)  # not installed
-    tiny = ["--generations", "1", "--set", "max_episode_steps=20", "--set", "eval.every=0", *TINY]
+    caps = ["--set", "max_episode_steps=20", "--set", "train_max_episode_steps=20"]
+    tiny = ["--generations", "1", *caps, "--set", "eval.every=0", *TINY]
     code, _, err = cli(capsys, "train", "LunarLander-v3", "--out", tmp_path, *tiny)
     assert code == 0, err
     warned = [line for line in err.splitlines() if "envpool" in line]
