@@ -381,9 +381,10 @@ def _survivors(pids: list[int], within: float = 10.0) -> list[int]:
     return alive
 
 
-def _start_training(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+def _start_training(tmp_path: Path, *extra: str, generations: int = 60) -> subprocess.Popen[str]:
     # 60 generations: the plain log prints every 2nd, and the run is still going at the 2nd.
-    cmd = [sys.executable, "-u", "-m", "eggroll_rl", "train", "CartPole-v1", "--generations", "60"]
+    cmd = [sys.executable, "-u", "-m", "eggroll_rl", "train", "CartPole-v1"]
+    cmd += ["--generations", str(generations)]
     cmd += ["--set", "eval.stop_on_target=false", "--set", "eval.every=0", "--set", "run.checkpoint_every=0"]
     cmd += [*TINY, *extra]
     return subprocess.Popen(
@@ -428,7 +429,8 @@ def test_signal_to_the_run_saves_and_exits_128_plus_signal(
 
 @pytest.mark.slow
 def test_ctrl_c_during_launcher_start_up_is_an_interruption_not_a_rank_failure(tmp_path: Path) -> None:
-    proc = _start_training(tmp_path, "--nproc", "2")
+    # A budget no run finishes before the signal, however slowly this process gets scheduled.
+    proc = _start_training(tmp_path, "--nproc", "2", generations=10**6)
     try:
         deadline = time.monotonic() + 120
         while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
