@@ -446,6 +446,28 @@ def plain_module_graph(model: nn.Module) -> bool:
     return True
 
 
+def exact_mlp_plan(model: nn.Module) -> tuple[Any, list[tuple[nn.Linear, str]]] | None:
+    """Return ``model.mlp_plan()`` when calling ``model`` computes exactly that plan, else None.
+
+    Whatever the model says of itself, a fused kernel computes only the plan's Linear layers:
+    their exact type, every parameter of the model among them, and calling the model runs
+    nothing else (:func:`plain_module_graph`). None also when the model gives no plan.
+    """
+    describe = getattr(model, "mlp_plan", None)
+    plan = describe() if callable(describe) else None
+    if plan is None:
+        return None
+    _, stack = plan
+    planned = {id(t) for mod, _ in stack for t in (mod.weight, mod.bias) if t is not None}
+    if not (
+        plain_module_graph(model)
+        and all(type(mod) is nn.Linear for mod, _ in stack)
+        and {id(t) for t in model.parameters()} == planned
+    ):
+        return None
+    return plan
+
+
 def _batch_size(obs: Any) -> int:
     """Return the leading (batch) size of a possibly nested batched observation."""
     while isinstance(obs, dict | tuple | list):

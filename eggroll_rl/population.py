@@ -24,7 +24,7 @@ from torch import nn
 from . import kernels
 from .distributed import World
 from .perturbations import LowRankPerturbations
-from .policies import plain_module_graph
+from .policies import exact_mlp_plan
 
 FitnessValues = torch.Tensor | Any
 log = logging.getLogger(__name__)
@@ -343,21 +343,11 @@ def _fused_mlp(
     parameters: :func:`eggroll_rl.policies.plain_module_graph`), or it uses a layer or activation
     the kernel does not compute; the layer-wise forward then runs instead.
     """
-    describe = getattr(model, "mlp_plan", None)
-    plan = describe() if callable(describe) else None
+    plan = exact_mlp_plan(model)
     if plan is None:
+        log.debug("layer-wise population forward: the model gives no mlp_plan() or is not exactly it")
         return None
     normalizer, stack = plan
-    # Whatever the model says of itself: the kernel computes only its Linear layers (exact type,
-    # every parameter of the model among them) and only if calling the model runs nothing else.
-    planned = {id(t) for mod, _ in stack for t in (mod.weight, mod.bias) if t is not None}
-    if not (
-        plain_module_graph(model)
-        and all(type(mod) is nn.Linear for mod, _ in stack)
-        and {id(t) for t in model.parameters()} == planned
-    ):
-        log.debug("layer-wise population forward: the model is not exactly its mlp_plan()")
-        return None
     layers = [
         kernels.MLPLayer(mod.weight, mod.bias, activation, _noise_positions(p, mod, param_names))
         for mod, activation in stack

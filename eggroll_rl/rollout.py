@@ -882,7 +882,7 @@ def _center_kernel(policy: torch.nn.Module) -> kernels.MLPKernel | None:
     size). It applies to a float32 `Policy` whose module graph is exactly its ``mlp_plan()`` (a
     copy on the CPU when the policy lives on an accelerator), when the kernel is compiled here.
     """
-    from .policies import plain_module_graph
+    from .policies import exact_mlp_plan
 
     params = list(policy.parameters())
     if (
@@ -895,17 +895,10 @@ def _center_kernel(policy: torch.nn.Module) -> kernels.MLPKernel | None:
         import copy
 
         policy = copy.deepcopy(policy).cpu()
-    plan = policy.mlp_plan()
+    plan = exact_mlp_plan(policy)
     if plan is None or not kernels.available():
         return None
     normalizer, stack = plan
-    planned = {id(t) for mod, _ in stack for t in (mod.weight, mod.bias) if t is not None}
-    if not (
-        plain_module_graph(policy)
-        and all(type(mod) is torch.nn.Linear for mod, _ in stack)
-        and {id(t) for t in policy.parameters()} == planned
-    ):
-        return None
     layers = [kernels.MLPLayer(mod.weight, mod.bias, activation) for mod, activation in stack]
     if normalizer is not None:  # the kernel reads these at every call: keep private copies
         mean, std, clip = normalizer
