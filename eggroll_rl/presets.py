@@ -68,10 +68,11 @@ PRESETS_DIR_ENV = "EGGROLL_RL_PRESETS_DIR"
 Algorithm = Literal["eggroll", "vanilla"]
 Shaping = Literal["centered_rank", "zscore"]
 Optimizer = Literal["sgd", "adam", "adamw"]
-# These mirror policies.ACTIVATIONS, rollout.BACKENDS, core.OPTIMIZERS and shaping.SHAPERS
+# These mirror policies.ACTIVATIONS, rollout.BACKENDS, rollout.CRN_MODES, core.OPTIMIZERS and shaping.SHAPERS
 # (tests keep them in sync) so that reading a preset never imports torch-heavy modules.
 Activation = Literal["tanh", "relu", "elu", "gelu", "silu", "leaky_relu", "sigmoid", "softsign", "identity"]
 Backend = Literal["auto", "sync", "async", "vector_entry_point", "envpool"]
+Crn = Literal["population", "pair"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -108,9 +109,13 @@ class RolloutSettings:
     episodes_per_member: int = 1  # fitness = mean return over this many episodes
     max_episode_steps: int | None = None  # the run's cap, evaluations included; None: the env spec's limit
     train_max_episode_steps: int | None = None  # training episodes only; None: max_episode_steps
+    # Horizon curriculum: only generations 0 .. N-1 cap training episodes at train_max_episode_steps,
+    # later ones play them to max_episode_steps; 0: every generation uses the training cap.
+    train_cap_generations: int = 0
     backend: Backend = "auto"  # auto: the env's own vector implementation if any, else sync
     obs_norm_fraction: float = 0.01  # share of sub-envs whose observations feed the normaliser
     reward_shift: float = 0.0  # ARS's shift: subtracted from every training reward (evaluations: none)
+    crn: Crn = "population"  # members sharing start states: all, or each noise draw's (antithetic pair)
 
 
 @dataclass(frozen=True)
@@ -560,6 +565,12 @@ def _validate(p: Preset) -> None:
         r.train_max_episode_steps is None or r.train_max_episode_steps >= 1,
         "rollout.train_max_episode_steps",
         "must be >= 1 or none",
+    )
+    need(r.train_cap_generations >= 0, "rollout.train_cap_generations", "must be >= 0 (0: every generation)")
+    need(
+        not r.train_cap_generations or r.train_max_episode_steps is not None,
+        "rollout.train_cap_generations",
+        "needs rollout.train_max_episode_steps (the cap of those generations)",
     )
     if r.train_max_episode_steps is not None and r.max_episode_steps is not None:
         need(

@@ -44,7 +44,11 @@ Seeding (common random numbers). `RolloutFitness` owes episode ``i * k + j`` for
 ``i``'s episode ``j`` (``k = episodes_per_member``) and resets it with
 ``episode_seed(seed, g, j)`` at generation ``g``, the same for every member, so all members (in
 particular an antithetic pair and a shaping group) start their ``j``-th episode from the same
-state, whichever slot plays it, and the states change every generation. `CartPoleVectorEnv` (the
+state, whichever slot plays it, and the states change every generation. With ``crn="pair"``
+only members that share a noise draw (an antithetic pair: ``noise_reuse`` consecutive members)
+share start states: draw ``d``'s ``j``-th episode starts from ``episode_seed(seed, g, d * k + j)``,
+so one generation sees as many start states as draws (as ARS and OpenAI-ES sample them) while
+each pair's difference stays free of start-state noise. `CartPoleVectorEnv` (the
 native CartPole) only takes one seed for all sub-envs, so its start states are set directly to
 what ``CartPole-v1`` reset with the same seed would give. envpool cannot seed a sub-env at reset
 (seeds are fixed at construction, sub-env ``i`` gets ``seed + i``): there the start states are not
@@ -92,6 +96,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "sync", "async", "vector_entry_point", "envpool")
+CRN_MODES = ("population", "pair")  # which members share start states (common random numbers)
 # The episode cap of an env registered without max_episode_steps (a warning says it was applied).
 DEFAULT_MAX_EPISODE_STEPS = 1000
 
@@ -650,6 +655,12 @@ class RolloutFitness(BatchedFitness):
     random search provides a competitive approach to reinforcement learning", MuJoCo
     experiments), which removes the survival bonus of Hopper, Walker2d and Ant so that standing
     still earns nothing. ``stats["return_mean"]`` stays the env's own (unshifted) return.
+    `crn` picks which members share start states (common random numbers): ``"population"``
+    (all members) or ``"pair"`` (the members of one noise draw; see the module doc).
+    `horizon` (a function of the generation, e.g. ``lambda g: 250 if g < 300 else None``) caps
+    the training episodes of generation ``g`` at that many steps (None: `max_episode_steps`, the
+    cap the env is built with): a horizon curriculum, short episodes while the gait forms and
+    full ones later, so the fitness sees what happens late in an episode.
     """
 
     # Per-rank rates add up to the run's throughput; every other stat is already reduced here.
@@ -674,7 +685,11 @@ class RolloutFitness(BatchedFitness):
         env_kwargs: Mapping[str, Any] | None = None,
         num_envs: int | None = None,
         reward_shift: float = 0.0,
+        crn: str = "population",
+        horizon: Callable[[int], int | None] | None = None,
     ) -> None:
+        if crn not in CRN_MODES:
+            raise ValueError(f"crn must be one of {list(CRN_MODES)}, got {crn!r}.")
         if not math.isfinite(reward_shift):
             raise ValueError(f"reward_shift must be a finite number, got {reward_shift}.")
         if num_envs is not None and num_envs < 1:
@@ -697,6 +712,8 @@ class RolloutFitness(BatchedFitness):
         self.obs_norm = obs_norm
         self.obs_norm_fraction = float(obs_norm_fraction)
         self.reward_shift = float(reward_shift)
+        self.crn = crn
+        self.horizon = horizon
         self.autoreset_mode = autoreset_mode
         self.env_kwargs = dict(env_kwargs or {})
         self.num_envs = None if num_envs is None else int(num_envs)
@@ -719,6 +736,16 @@ class RolloutFitness(BatchedFitness):
             **self.env_kwargs,
         )
         return self.env
+
+    def _cap(self, generation: int) -> int | None:
+        """Return the step cap of generation `generation`'s training episodes (`horizon`)."""
+        cap = self.max_episode_steps
+        short = None if self.horizon is None else self.horizon(generation)
+        if short is None:
+            return cap
+        if isinstance(short, bool) or int(short) != short or short < 1:
+            raise ValueError(f"horizon({generation}) must be an integer >= 1 or None, got {short!r}.")
+        return int(short) if cap is None else min(int(short), int(cap))
 
     def _sample_block(self, population: Population) -> slice | None:
         """Return the local sub-envs whose observations feed the normaliser this generation.
@@ -753,9 +780,13 @@ class RolloutFitness(BatchedFitness):
         if norm is not None:
             norm.freeze()  # statistics gathered up to the previous generation
         gen = population.generation
-        # Owed episode i * k + j is member i's j-th episode, from the seed all members share.
+        # Owed episode i * k + j is member i's j-th episode, from the seed its CRN unit shares.
         owner = np.repeat(np.arange(members, dtype=np.int64), k)
-        seeds = np.tile([episode_seed(self.seed, gen, j) for j in range(k)], members)
+        if self.crn == "pair":
+            draws = torch.as_tensor(population.indices).cpu().numpy() // max(population.noise_reuse, 1)
+            seeds = np.array([episode_seed(self.seed, gen, int(d) * k + j) for d in draws for j in range(k)])
+        else:
+            seeds = np.tile([episode_seed(self.seed, gen, j) for j in range(k)], members)
         record = self._sample_block(population) if norm is not None else None
         device = population.device
         on_cpu = device.type == "cpu"
@@ -777,10 +808,9 @@ class RolloutFitness(BatchedFitness):
             a = y.numpy() if y.device.type == "cpu" else y.cpu().numpy()
             return a + offset if offset else a
 
+        cap = self._cap(gen)
         with torch.no_grad():
-            batch = run_episodes(
-                env, policy.preprocess, forward, act, owner, seeds, self.max_episode_steps, record
-            )
+            batch = run_episodes(env, policy.preprocess, forward, act, owner, seeds, cap, record)
         returns = batch.returns
         shaped = returns - self.reward_shift * batch.lengths if self.reward_shift else returns
         fitness = torch.from_numpy(shaped.reshape(members, k).mean(axis=1))

@@ -11,7 +11,8 @@ This is what ``eggroll-rl train`` runs, as a library function the CLI, benchmark
 A run steps the trainer generation by generation. Every ``eval.every`` generations it evaluates
 the center policy on fresh episodes (seeds derived from the run seed and the generation, under
 the run's one episode cap: ``rollout.max_episode_steps``, else the env's limit; training
-episodes alone may be capped shorter by ``rollout.train_max_episode_steps``) and stops once the
+episodes alone may be capped shorter by ``rollout.train_max_episode_steps``, in the first
+``rollout.train_cap_generations`` generations only when that is set) and stops once the
 mean reaches the target (the preset's, else the env spec's ``reward_threshold``). Every
 ``run.checkpoint_every`` generations, and whenever it stops, it writes a checkpoint (the full
 trainer state plus the run's own rows) into the agent directory; ``resume=True`` continues from
@@ -246,18 +247,19 @@ def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
     torch.manual_seed(t.seed)
     policy = make_policy(obs_space, act_space, **dataclasses.asdict(pol)).to(device)
     check_episode_caps(preset)
+    short, curriculum = r.train_max_episode_steps, r.train_cap_generations
     fitness = RolloutFitness(
         preset.env_id,
         episodes_per_member=r.episodes_per_member,
         # Training episodes only; every evaluation keeps the run's cap (_evaluate_center).
-        max_episode_steps=r.max_episode_steps
-        if r.train_max_episode_steps is None
-        else r.train_max_episode_steps,
+        max_episode_steps=r.max_episode_steps if curriculum or short is None else short,
+        horizon=(lambda g: short if g < curriculum else None) if curriculum else None,
         seed=t.seed,
         backend=r.backend,
         obs_norm=pol.normalize_obs,
         obs_norm_fraction=r.obs_norm_fraction,
         reward_shift=r.reward_shift,
+        crn=r.crn,
     )
     common = dict(
         learning_rate=_schedule(t.lr, t.lr_decay),

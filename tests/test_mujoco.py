@@ -209,15 +209,36 @@ def test_rollout_feeds_the_normaliser_every_observation_with_fraction_one() -> N
     trainer.fitness_fn.close()
 
 
-def test_reward_shift_preset_key_reaches_the_fitness_and_rejects_nan() -> None:
+def test_reward_shift_and_crn_preset_keys_reach_the_fitness_and_reject_bad_values() -> None:
     from eggroll_rl.presets import PresetError
     from eggroll_rl.run import build_trainer
 
-    preset = apply_overrides(load_preset("Hopper-v5"), ["population=4", "top_directions=1", "reward_shift=1"])
-    trainer = build_trainer(preset)
+    keys = ["population=4", "top_directions=1", "reward_shift=1", "crn=pair"]
+    trainer = build_trainer(apply_overrides(load_preset("Hopper-v5"), keys))
     assert trainer.fitness_fn.reward_shift == 1.0
+    assert trainer.fitness_fn.crn == "pair"
     with pytest.raises(PresetError, match=r"rollout\.reward_shift"):
         apply_overrides(load_preset("Hopper-v5"), ["reward_shift=nan"])
+    with pytest.raises(PresetError, match=r"rollout\.crn.*pair"):
+        apply_overrides(load_preset("Hopper-v5"), ["crn=member"])
+
+
+def test_train_cap_generations_is_a_horizon_curriculum() -> None:
+    from eggroll_rl.presets import PresetError
+    from eggroll_rl.run import build_trainer
+
+    keys = ["population=4", "top_directions=1", "train_max_episode_steps=30", "train_cap_generations=2"]
+    fitness = build_trainer(apply_overrides(load_preset("HalfCheetah-v5"), keys)).fitness_fn
+    assert [fitness._cap(g) for g in range(4)] == [30, 30, None, None]  # None: the env's 1000 steps
+    keys[-1] = "train_cap_generations=0"  # the default: every generation capped
+    fitness = build_trainer(apply_overrides(load_preset("HalfCheetah-v5"), keys)).fitness_fn
+    assert [fitness._cap(g) for g in (0, 5000)] == [30, 30]
+    with pytest.raises(PresetError, match=r"rollout\.train_cap_generations: must be >= 0"):
+        apply_overrides(load_preset("HalfCheetah-v5"), ["train_cap_generations=-1"])
+    with pytest.raises(PresetError, match=r"rollout\.train_cap_generations: needs rollout\.train_max"):
+        apply_overrides(
+            load_preset("HalfCheetah-v5"), ["train_max_episode_steps=none", "train_cap_generations=5"]
+        )
 
 
 def test_linear_policy_is_one_matrix() -> None:
@@ -274,6 +295,13 @@ def _tiny_agent(env_id: str, out: Path) -> Path:
 
     preset = load_preset(env_id)
     top = 2 if preset.trainer.top_directions else 0  # keep top-b in play at a tiny population
+    curriculum = preset.rollout.train_cap_generations > 0
+    # A horizon curriculum stays in play: generation 0 plays 10 steps, generation 1 the run's 20.
+    caps = (
+        ["train_max_episode_steps=10", "train_cap_generations=1"]
+        if curriculum
+        else ["train_max_episode_steps=none"]
+    )
     preset = apply_overrides(
         preset,
         [
@@ -281,12 +309,14 @@ def _tiny_agent(env_id: str, out: Path) -> Path:
             "population=8",
             "generations=2",
             "max_episode_steps=20",  # one 20-step cap, evaluations included
-            "train_max_episode_steps=none",
+            *caps,
             "eval.every=0",
         ],
     )
     result = train(apply_overrides(preset, ["eval.episodes=1"]), out)
     assert result.generations == 2 and result.env_steps <= 2 * 8 * 20
+    if curriculum:  # HalfCheetah never terminates: exactly 8 x 10 + 8 x 20 steps
+        assert result.env_steps == 8 * 10 + 8 * 20
     return result.directory
 
 

@@ -388,5 +388,6 @@ def test_schema_choices_match_the_library() -> None:
 
     assert choices(presets_mod.PolicySettings, "activation") == set(policies.ACTIVATIONS)
     assert choices(presets_mod.RolloutSettings, "backend") == set(rollout.BACKENDS)
+    assert choices(presets_mod.RolloutSettings, "crn") == set(rollout.CRN_MODES)
     assert choices(presets_mod.TrainerSettings, "optimizer") == set(core.OPTIMIZERS)
     assert choices(presets_mod.TrainerSettings, "fitness_shaping") == set(shaping.SHAPERS)

@@ -286,6 +286,40 @@ def test_episodes_average_over_different_start_states():
     assert fitness[0] == fitness[1] == pytest.approx(np.mean([triangle(L) for L in limits]))
 
 
+@pytest.mark.parametrize("first", [0, 2])  # the whole population, or a rank holding members 2..5
+def test_pair_crn_shares_start_states_within_a_noise_draw_only(first):
+    # Members 2d and 2d+1 (draw d) play episode j from episode_seed(3, 5, d * k + j); k = 2.
+    fit = RolloutFitness("EggrollTest/Count-v0", episodes_per_member=2, seed=3, crn="pair")
+    pop = FakePopulation(count_policy(), stopper([100] * 6), 6, generation=5, indices=torch.arange(first, 6))
+    pop.noise_reuse = 2
+    fitness = fit(pop).numpy()
+    want = [
+        np.mean([triangle(count_limit(episode_seed(3, 5, (i // 2) * 2 + j))) for j in range(2)])
+        for i in range(first, 6)
+    ]
+    np.testing.assert_allclose(fitness, want)
+    assert len(set(want)) > 1  # draws do see different start states
+    with pytest.raises(ValueError, match="crn"):
+        RolloutFitness("EggrollTest/Count-v0", crn="member")
+
+
+def test_horizon_caps_the_early_generations_only():
+    # Generations 0-2 stop every episode after 2 steps (return 1 + 2); from generation 3 on the
+    # episodes run to the env's own end, count_limit(seed) steps (or the cap 4, whichever is first).
+    fit = RolloutFitness(
+        "EggrollTest/Count-v0", max_episode_steps=4, seed=1, horizon=lambda g: 2 if g < 3 else None
+    )
+    for gen in (0, 2, 3, 4):
+        fitness = fit(FakePopulation(count_policy(), stopper([100, 100]), 2, generation=gen)).numpy()
+        length = 2 if gen < 3 else min(count_limit(episode_seed(1, gen, 0)), 4)
+        np.testing.assert_array_equal(fitness, [triangle(length)] * 2)
+        assert fit.stats["env_steps"] == 2 * length
+    assert {min(count_limit(episode_seed(1, g, 0)), 4) for g in (3, 4)} != {2}  # the switch is visible
+    bad = RolloutFitness("EggrollTest/Count-v0", horizon=lambda g: 0)
+    with pytest.raises(ValueError, match=r"horizon\(0\)"):
+        bad(FakePopulation(count_policy(), stopper([100]), 1))
+
+
 def test_max_episode_steps_caps_the_accounting():
     fit = RolloutFitness("EggrollTest/Count-v0", max_episode_steps=2, seed=1)
     fitness = fit(FakePopulation(count_policy(), stopper([1, 100]), 2))
