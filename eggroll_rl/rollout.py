@@ -76,6 +76,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
 from . import kernels
 from .distributed import World
+from .noise import reuse_pattern
 from .population import BatchedFitness, Population
 from .presets import similar_env_ids, split_env_id
 
@@ -783,8 +784,9 @@ class RolloutFitness(BatchedFitness):
         # Owed episode i * k + j is member i's j-th episode, from the seed its CRN unit shares.
         owner = np.repeat(np.arange(members, dtype=np.int64), k)
         if self.crn == "pair":
-            draws = torch.as_tensor(population.indices).cpu().numpy() // max(population.noise_reuse, 1)
-            seeds = np.array([episode_seed(self.seed, gen, int(d) * k + j) for d in draws for j in range(k)])
+            draw_of = reuse_pattern(population.size, population.noise_reuse)[1]
+            draws = draw_of[torch.as_tensor(population.indices).cpu()].tolist()
+            seeds = np.array([episode_seed(self.seed, gen, d * k + j) for d in draws for j in range(k)])
         else:
             seeds = np.tile([episode_seed(self.seed, gen, j) for j in range(k)], members)
         record = self._sample_block(population) if norm is not None else None
