@@ -320,10 +320,8 @@ def test_rollout_fitness_two_processes_match_one():
 
 def test_rank_that_raises_stops_run_with_clear_error_and_checkpoint_resumes(tmp_path):
     path = tmp_path / "ckpt.pt"
-    start = time.monotonic()
     with pytest.raises(DistributedError, match=r"rank 1 failed: ValueError: boom at generation 3") as info:
         launch(train_with_fault, 2, str(path), "raise", timeout=60)
-    assert time.monotonic() - start < 30
     assert info.value.failures.keys() == {1}
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "rank 0 then stopped with: rank 1 failed: ValueError: boom" in notes  # rank 0 knew why
@@ -343,19 +341,15 @@ def test_rank_that_raises_stops_run_with_clear_error_and_checkpoint_resumes(tmp_
 
 
 def test_rank_that_dies_is_named_and_survivor_stops_by_itself(tmp_path):
-    start = time.monotonic()
     # A long grace: rank 0 must notice the dead peer itself (gloo: connection closed), not be killed.
     with pytest.raises(DistributedError, match=r"rank 1 failed: died with exit code 7") as info:
         launch(train_with_fault, 2, str(tmp_path / "c.pt"), "exit", timeout=20, grace=60)
-    assert time.monotonic() - start < 30
     assert "rank 0 then stopped with: rank 0: collective" in "\n".join(info.value.__notes__)
 
 
 def test_hung_rank_times_out():
-    start = time.monotonic()
     with pytest.raises(DistributedError, match=r"rank 1 failed: stopped responding") as info:
         launch(train_with_fault, 2, "/nonexistent/unused.pt", "hang", timeout=2, grace=1)
-    assert time.monotonic() - start < 30
     assert "Timed out" in "\n".join(info.value.__notes__)
 
 
@@ -426,10 +420,9 @@ def test_a_two_process_run_evaluates_like_one(tmp_path):
     ],
 )
 def test_a_rank_that_raises_in_an_evaluation_stops_every_rank_naming_it(where, message):
-    start = time.monotonic()
-    # Long timeout and grace: only evaluate's own status exchange can end this within seconds.
+    # Long timeout and grace: a rank left waiting would be killed, not return `out`; only evaluate's
+    # own status exchange lets both ranks return the same error.
     out = run_distributed(2, evaluate_raising, {"where": where}, timeout=300, grace=300)
-    assert time.monotonic() - start < 60
     assert re.fullmatch(message, out["error"]) and len(out["failures"]) == 1
     assert out["ranks"] == [out["error"]] * 2  # both ranks raised the same DistributedError
 

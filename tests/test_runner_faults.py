@@ -158,37 +158,21 @@ def test_a_failed_write_at_the_end_keeps_the_agent_elsewhere(
 
 
 def test_endless_env_trains_evaluates_and_records_under_one_cap(tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "eggroll_rl"]
-    done = subprocess.run(
-        [*base, "train", ENDLESS, "--generations", "1", *TINY],
-        capture_output=True,
-        text=True,
-        env=env_vars(),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    def run_cli(*args: object) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "eggroll_rl", *map(str, args)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env_vars(), timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    done = run_cli("train", ENDLESS, "--generations", "1", *TINY)
     assert "capping its episodes at 1000 steps" in done.stderr
     agent = load_agent(tmp_path / "runs" / "endless_env:EggrollTest__Endless-v0")
     assert agent.results["mean"] == 1000.0  # reward 1 per step, cut at the default cap
     # A run's own cap holds everywhere: training, the final evaluation, eval, recording.
-    done = subprocess.run(
-        [*base, "train", ENDLESS, "--generations", "1", "--set", "rollout.max_episode_steps=30", *TINY],
-        capture_output=True,
-        text=True,
-        env=env_vars(),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    run_cli("train", ENDLESS, "--generations", "1", "--set", "rollout.max_episode_steps=30", *TINY)
     capped = tmp_path / "runs" / "endless_env:EggrollTest__Endless-v0_2"
     assert load_agent(capped).results["mean"] == 30.0
-    done = subprocess.run(
-        [*base, "eval", capped, "--episodes", "2", "--record"],
-        capture_output=True,
-        text=True,
-        env=env_vars(),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli("eval", capped, "--episodes", "2", "--record")
     assert "30.00 +/- 0.00 over 2 episodes" in done.stdout
     assert "frames (return 30.00)" in done.stdout
     # The frame count said is the one the mp4 holds (30 steps, plus the reset frame if kept).
