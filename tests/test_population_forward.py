@@ -421,6 +421,44 @@ def test_a_plan_that_omits_parameters_is_not_fused(forward_path, monkeypatch) ->
     assert torch.equal(pop.argmax(x), expected.argmax(-1)) and calls == []
 
 
+class _OwnPlan(nn.Module):
+    """Not a Policy: two Linear layers with a tanh between, described exactly by its mlp_plan()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.l1, self.l2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+    def mlp_plan(self):
+        return None, [(self.l1, "tanh"), (self.l2, "identity")]
+
+
+@pytest.mark.parametrize("change", ["none", "forward_hook", "pre_hook"])
+def test_a_model_of_its_own_plan_is_fused_only_when_calling_it_runs_the_plan(
+    forward_path, monkeypatch, change
+) -> None:
+    """Any model may offer mlp_plan(); a hook its plan cannot see -> not fused, every member exact."""
+    calls = []
+    real = kernels.MLPKernel.__call__
+    monkeypatch.setattr(kernels.MLPKernel, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _OwnPlan()
+    if change == "forward_hook":
+        model.l2.register_forward_hook(_scale_output)
+    elif change == "pre_hook":
+        model.register_forward_pre_hook(_shift_input)
+    trainer = EGGROLLTrainer(model, _unused, population_size=4, sigma=0.3, rank=2, seed=2)
+    perturbations = trainer.sample_perturbations(4)
+    pop = trainer.make_population(perturbations, torch.arange(4))
+    x = torch.randn(4, 6)
+    expected = _members_one_by_one(trainer, model, perturbations, x)
+    torch.testing.assert_close(pop(x), expected, rtol=1e-5, atol=1e-5)
+    fused = forward_path == "kernel" and change == "none"
+    assert (calls != []) == fused
+
+
 @pytest.mark.parametrize("lead", [(), (5,)], ids=["2d", "3d"])
 def test_full_rank_population_member_map(lead: tuple[int, ...]) -> None:
     """The dense (vmap) population takes the same rows -> member map."""
