@@ -261,6 +261,8 @@ def _report_training(result: Any, env_id: str) -> None:
         "callback": "stopped by the callback",
         "interrupted": "was interrupted",
     }[result.stopped]
+    if r.get("stop_eval_mean") is not None:  # scored on fresh episodes, not the stopping ones
+        how += f" ({r['stop_eval_mean']:.2f} on the evaluation that stopped it)"
     _echo(
         f"{env_id}: {_score(r)} over {r['episodes']} episodes, {verdict}{against}; "
         f"the run {how} after {result.generations} generations, {result.env_steps:,} env steps, "
@@ -270,7 +272,7 @@ def _report_training(result: Any, env_id: str) -> None:
         _echo(f"Saved the agent to {result.directory} (checkpoint: {result.checkpoint})")
     else:
         _echo(f"Kept the agent in {result.directory} as it was; this run is in {result.checkpoint}")
-    if result.stopped == "interrupted":
+    if result.stopped == "interrupted" or (result.stopped == "target" and r.get("solved") is False):
         _echo(f"Continue with: eggroll-rl train {env_id} --resume" + _out_flag(result.directory))
     else:
         _echo(f"Watch it: eggroll-rl eval {result.directory} --record")

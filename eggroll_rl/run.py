@@ -18,7 +18,10 @@ mean reaches the target (the preset's, else the env spec's ``reward_threshold``)
 trainer state plus the run's own rows) into the agent directory; ``resume=True`` continues from
 it exactly: the resumed run's parameters and history equal an uninterrupted run's. At the end it
 evaluates the center once more (unless the last periodic evaluation was of this very center) and
-writes the agent atomically.
+writes the agent atomically. A run stopped by its target is always scored on fresh episodes: the
+stopping evaluation, the first of many tries to pass, overstates the center's mean (selection
+bias) and is kept beside the score (``stop_eval_mean``) -- so a run may stop on its target yet
+report "not solved".
 
 Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the run to stop after the current generation (said at
 once on stderr): it then checkpoints, evaluates and saves like any other stop, except that it
@@ -92,6 +95,7 @@ RESUMABLE_KEYS = frozenset(
 TIMING_COLUMNS = ("time", "generation_seconds", "steps_per_second")
 _EVAL_SEED_DOMAIN = 0x0E7A1
 _SCREEN_SEED_DOMAIN = 0x5C2EE  # screen episodes: fresh seeds, never the evaluation's own
+_REPORT_SEED_DOMAIN = 0x2E907  # the agent's score after a target stop: episodes that decided nothing
 
 
 class RunError(ValueError):
@@ -428,6 +432,12 @@ def _eval_seed(seed: int, generation: int) -> int:
     return derive_seed(_EVAL_SEED_DOMAIN, seed, generation)
 
 
+def _report_seed(seed: int, generation: int) -> int:
+    from eggroll_rl.rollout import derive_seed
+
+    return derive_seed(_REPORT_SEED_DOMAIN, seed, generation)
+
+
 def _evaluate_center(
     trainer: Any, preset: Preset, *, episodes: int | None = None, seed: int | None = None
 ) -> Any:
@@ -650,9 +660,21 @@ def train(
             final_eval = (
                 last_eval[1] if last_eval is not None and last_eval[0] == trainer.generation else None
             )
-            if final_eval is None:
+            eval_seed = _eval_seed(preset.trainer.seed, trainer.generation)
+            stop_eval = None
+            if stopped == "target":
+                # The stopping evaluation is the first of many tries to pass: chosen for passing,
+                # its mean overstates the center's. The agent is scored on fresh episodes instead.
+                stop_eval, final_eval = final_eval, None
+                eval_seed = _report_seed(preset.trainer.seed, trainer.generation)
+                say(
+                    f"Target reached ({stop_eval.mean:.2f}); scoring the agent on "
+                    f"{preset.eval.episodes} fresh episodes..."
+                )
+            elif final_eval is None:
                 say(f"Evaluating the final policy on {preset.eval.episodes} episodes...")
-                final_eval = _evaluate_center(trainer, preset)  # every rank plays its share
+            if final_eval is None:
+                final_eval = _evaluate_center(trainer, preset, seed=eval_seed)  # ranks share it
                 eval_steps += int(final_eval.lengths.sum())
             results = world.on_main(
                 _finish,
@@ -667,6 +689,8 @@ def train(
                 directory,
                 say,
                 notes,
+                eval_seed,
+                stop_eval,
             )
     except KeyboardInterrupt as exc:
         last = _checkpoint_generation(ckpt_file)
@@ -759,12 +783,16 @@ def _finish(
     directory: Path,
     say: Callable[[str], None],
     notes: list[str],
+    eval_seed: int,
+    stop_eval: Any = None,
 ) -> dict[str, Any]:
     """Write the agent with the final center's evaluation ``result``; return its results.
 
-    ``eval_steps`` already counts ``result``'s episodes. An interrupted run leaves an agent
-    already in ``directory`` as it was. When the agent cannot be written to ``directory`` it
-    goes to a temporary directory (said in ``notes``).
+    ``result`` was played from ``eval_seed``; ``stop_eval`` is the evaluation that stopped the run
+    on its target (recorded beside, not as, the agent's score). ``eval_steps`` already counts
+    ``result``'s episodes. An interrupted run leaves an agent already in ``directory`` as it was.
+    When the agent cannot be written to ``directory`` it goes to a temporary directory (said in
+    ``notes``).
     """
     gen = trainer.generation
     # The final evaluation goes into the agent's history only, not the checkpoint's rows: a run
@@ -781,12 +809,15 @@ def _finish(
         seconds=elapsed,
         seed=preset.trainer.seed,
         stopped=stopped,
-        eval_seed=_eval_seed(preset.trainer.seed, gen),
+        eval_seed=eval_seed,
         eval_length_mean=_finite(result.length_mean),
         eval_env_steps=eval_steps,
         world_size=trainer.world.size,
         device=str(trainer.device),
     )
+    if stop_eval is not None:
+        results["stop_eval_mean"] = _finite(stop_eval.mean)
+        results["stop_eval_std"] = _finite(stop_eval.std)
     if stopped == "interrupted" and (directory / POLICY_FILE).exists():
         say(f"Interrupted: the agent in {directory} is left as it was (the checkpoint holds this run)")
         return {**results, "_saved": False, "_directory": str(directory)}

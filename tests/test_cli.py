@@ -83,6 +83,7 @@ def test_train_cartpole_end_to_end_writes_an_honest_agent(trained: tuple[Path, s
     assert results["stopped"] == "target" and results["solved"] is True
     assert results["episodes"] == load_preset("CartPole-v1").eval.episodes == 100
     assert results["mean"] >= results["target"] == 475.0
+    assert results["stop_eval_mean"] >= 475.0  # the stopping evaluation, kept beside the fresh score
     # The numbers are the run's own: steps and generations match the history's last row, and
     # re-evaluating the saved policy with the recorded seed reproduces the recorded returns.
     assert results["generations"] == len(rows) == int(rows[-1]["generation"]) < 60
@@ -95,6 +96,7 @@ def test_train_cartpole_end_to_end_writes_an_honest_agent(trained: tuple[Path, s
     evaluated = [r for r in rows if r["eval_mean"]]
     assert [int(r["generation"]) for r in evaluated] == list(range(5, len(rows) + 1, 5))
     assert "CartPole-v1: " in output and "solved (target 475)" in output and "Traceback" not in output
+    assert "on the evaluation that stopped it" in output
     assert load_checkpoint(directory / "checkpoint.pt")["trainer"]["generation"] == len(rows)
 
 

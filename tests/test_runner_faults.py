@@ -272,9 +272,52 @@ def test_screen_runs_the_full_evaluation_only_when_a_few_episodes_reach_the_targ
     result = train(preset, tmp_path / "runs")
     assert [r["eval_mean"] for r in result.rows] == evaluated
     screens = len(evaluated) * 3 * 40  # one 3-episode screen per generation
-    full = 2 * 40  # the full evaluation: after the passed screen, or the final one
+    # Full evaluations: the final one; after a passed screen, the stopping one and the fresh score.
+    full = 2 * 40 * (2 if target == 40.0 else 1)
     assert result.results["eval_env_steps"] == screens + full
     assert result.results["solved"] is (target == 40.0)
+
+
+@pytest.mark.parametrize("fresh", [40.0, 39.0])
+def test_a_target_stop_is_scored_on_fresh_episodes_that_decided_nothing(
+    fresh: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stopping evaluation passed as the first of many tries; the agent's score is a new one."""
+    import dataclasses
+
+    import numpy as np
+
+    from eggroll_rl import cli as cli_module
+    from eggroll_rl import rollout
+    from eggroll_rl.presets import Preset, apply_overrides
+    from eggroll_rl.run import _eval_seed, _report_seed, train
+
+    real, seeds = rollout.evaluate, []
+
+    def scripted(policy, env_id, *, episodes, seed, **kwargs):
+        seeds.append(seed)
+        played = real(policy, env_id, episodes=episodes, seed=seed, **kwargs)
+        value = 40.0 if len(seeds) == 1 else fresh  # the first evaluation passes, then `fresh`
+        return dataclasses.replace(played, returns=np.full(episodes, value), mean=value, std=0.0)
+
+    monkeypatch.setattr(rollout, "evaluate", scripted)
+    preset = apply_overrides(
+        Preset(_limited_env(), target=40.0),
+        ["population=4", "generations=5", "eval.every=2", "eval.episodes=2", "hidden_sizes=4", "seed=3"],
+    )
+    result = train(preset, tmp_path / "runs")
+    r = result.results
+    assert result.stopped == r["stopped"] == "target" and result.generations == 2
+    assert seeds == [_eval_seed(3, 2), _report_seed(3, 2)] and r["eval_seed"] == _report_seed(3, 2)
+    assert (r["mean"], r["solved"]) == (fresh, fresh == 40.0)
+    assert (r["stop_eval_mean"], r["stop_eval_std"]) == (40.0, 0.0)
+    assert r["eval_env_steps"] == 2 * 2 * 40  # both evaluations, 2 episodes of 40 steps each
+    assert load_agent(result.directory).results["mean"] == fresh
+    cli_module._report_training(result, preset.env_id)
+    out = capsys.readouterr().out
+    assert f"{fresh:.2f} +/- 0.00 over 2 episodes, {'solved' if fresh == 40 else 'not solved'}" in out
+    assert "reached the target (40.00 on the evaluation that stopped it) after 2 generations" in out
+    assert ("--resume" in out) is (fresh != 40.0)  # not solved after all: say how to train on
 
 
 @pytest.mark.parametrize(
@@ -484,7 +527,7 @@ def test_nan_returns_in_the_final_evaluation_are_reported(
     from eggroll_rl import run
     from eggroll_rl.rollout import EvalResult
 
-    def nan_evaluation(trainer, preset):
+    def nan_evaluation(trainer, preset, **kwargs):
         returns = np.array([1.0, float("nan")])
         return EvalResult(returns, np.array([1, 1]), float("nan"), float("nan"), 1.0)
 
