@@ -349,13 +349,31 @@ def eval_(
     if record:
         from eggroll_rl.video import RenderBackendError, record_episode
 
+        def record_to(directory: Path) -> Any:
+            path = directory / f"{slug}-seed{seed}.mp4"
+            return record_episode(policy, env_id, path, seed=seed, max_steps=cap)
+
         try:
-            video = record_episode(
-                policy, env_id, videos / slug / f"{slug}-seed{seed}.mp4", seed=seed, max_steps=cap
-            )
+            video = _record_or_fallback(record_to, videos / slug)
         except RenderBackendError as exc:
             raise _fail(str(exc)) from None
         print(f"recorded {video.frames} frames (return {video.episode_return:.2f}) to {video.path}")
+
+
+def _record_or_fallback(record_to: Callable[[Path], Any], directory: Path) -> Any:
+    """Record into ``directory``; when writing there fails (e.g. disk full), into a temporary one."""
+    import tempfile
+
+    try:
+        return record_to(directory)
+    except OSError as exc:  # the directory was checked writable, yet the write failed
+        fallback = Path(tempfile.mkdtemp(prefix="eggroll-rl-video-"))
+        reason = exc.strerror or type(exc).__name__
+        print(f"warning: could not write the video to {directory} ({reason}); recording into {fallback}")
+    try:
+        return record_to(fallback)
+    except OSError as exc:
+        raise _fail(f"--record: could not write the video ({exc.strerror or exc})", 1) from None
 
 
 def _agent_cap(config: dict[str, Any]) -> int | None:

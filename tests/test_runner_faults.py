@@ -132,6 +132,38 @@ def test_other_output_paths_are_checked_before_work(
     assert code == 2 and "--output: cannot write" in one_error_line(err)
 
 
+@pytest.mark.parametrize("fails", ["video dir", "everywhere"])
+def test_a_video_write_that_fails_late_goes_elsewhere_or_is_one_line(
+    fails: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    from eggroll_rl import video
+
+    real = video.atomic_path
+
+    @contextlib.contextmanager
+    def disk_full(dest):
+        if fails == "everywhere" or tmp_path in Path(dest).parents:
+            raise OSError(28, "No space left on device")
+        with real(dest) as tmp:
+            yield tmp
+
+    monkeypatch.setattr(video, "atomic_path", disk_full)
+    shipped = str(ROOT / "agents" / "CartPole-v1")
+    args = ["--episodes", "1", "--record", "--video-dir", tmp_path / "v"]
+    code, out, err = cli(capsys, "eval", shipped, *args)
+    assert "warning: could not write the video to" in out and "No space left on device" in out
+    assert [p.name for p in (tmp_path / "v").rglob("*")] == ["CartPole-v1"]  # no partial file, no work dir
+    if fails == "everywhere":
+        assert code == 1 and "--record: could not write the video (No space left" in one_error_line(err)
+        return
+    assert code == 0, err
+    saved = Path(out.rsplit(" to ", 1)[1].strip())
+    assert saved.name == "CartPole-v1-seed0.mp4" and saved.stat().st_size > 0
+    assert tmp_path not in saved.parents
+
+
 def test_a_failed_write_at_the_end_keeps_the_agent_elsewhere(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
