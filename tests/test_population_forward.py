@@ -407,18 +407,23 @@ class _PlanIgnoresLayerNorm(nn.Module):
         return None, [(self.l1, "tanh"), (self.l2, "identity")]
 
 
-def test_a_plan_that_omits_parameters_is_not_fused(forward_path, monkeypatch) -> None:
+def _exact_and_fused(model: nn.Module, monkeypatch) -> bool:
+    """Check a 4-member population of ``model`` (6 inputs) member by member; return whether it was fused."""
     calls = []
     real = kernels.MLPKernel.__call__
     monkeypatch.setattr(kernels.MLPKernel, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = _PlanIgnoresLayerNorm()
     trainer = EGGROLLTrainer(model, _unused, population_size=4, sigma=0.3, rank=2, seed=2)
     perturbations = trainer.sample_perturbations(4)
     pop = trainer.make_population(perturbations, torch.arange(4))
     x = torch.randn(4, 6)
     expected = _members_one_by_one(trainer, model, perturbations, x)
     torch.testing.assert_close(pop(x), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(pop.argmax(x), expected.argmax(-1)) and calls == []
+    assert torch.equal(pop.argmax(x), expected.argmax(-1))
+    return calls != []
+
+
+def test_a_plan_that_omits_parameters_is_not_fused(forward_path, monkeypatch) -> None:
+    assert not _exact_and_fused(_PlanIgnoresLayerNorm(), monkeypatch)
 
 
 class _OwnPlan(nn.Module):
@@ -441,22 +446,12 @@ def test_a_model_of_its_own_plan_is_fused_only_when_calling_it_runs_the_plan(
     forward_path, monkeypatch, change
 ) -> None:
     """Any model may offer mlp_plan(); a hook its plan cannot see -> not fused, every member exact."""
-    calls = []
-    real = kernels.MLPKernel.__call__
-    monkeypatch.setattr(kernels.MLPKernel, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _OwnPlan()
     if change == "forward_hook":
         model.l2.register_forward_hook(_scale_output)
     elif change == "pre_hook":
         model.register_forward_pre_hook(_shift_input)
-    trainer = EGGROLLTrainer(model, _unused, population_size=4, sigma=0.3, rank=2, seed=2)
-    perturbations = trainer.sample_perturbations(4)
-    pop = trainer.make_population(perturbations, torch.arange(4))
-    x = torch.randn(4, 6)
-    expected = _members_one_by_one(trainer, model, perturbations, x)
-    torch.testing.assert_close(pop(x), expected, rtol=1e-5, atol=1e-5)
-    fused = forward_path == "kernel" and change == "none"
-    assert (calls != []) == fused
+    assert _exact_and_fused(model, monkeypatch) == (forward_path == "kernel" and change == "none")
 
 
 @pytest.mark.parametrize("lead", [(), (5,)], ids=["2d", "3d"])
