@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import UsageError
 
 from eggroll_rl.agents import AgentError
-from eggroll_rl.presets import PresetError, dependency_hint
+from eggroll_rl.presets import Measured, PresetError, dependency_hint
 
 __all__ = ["AGENTS_DIR_ENV", "VIDEOS_DIR_ENV", "app", "main"]
 
@@ -432,26 +432,30 @@ def envs(
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for preset in list_presets():
         target = resolve_target(preset)
-        m = preset.measured
-        measured = "-"
-        if m.seconds is not None or m.env_steps is not None:
-            parts = []
-            if m.seconds is not None:
-                parts.append(f"{m.seconds:.1f} s")
-            if m.env_steps is not None:
-                parts.append(f"{m.env_steps:,} steps")
-            if m.seeds:
-                parts.append(f"{m.solved_seeds or 0}/{m.seeds} seeds")
-            measured = ", ".join(parts)
         table.add_row(
             preset.env_id,
             "yes" if preset.tuned else "no",
             "-" if target is None else f"{target:g}",
-            measured,
+            _measured_cell(preset.measured),
             _shipped_score(agent_dir(preset.env_id, root) / RESULTS_FILE, preset.env_id),
             preset.reference or "-",
         )
     Console().print(table)
+
+
+def _measured_cell(m: Measured) -> str:
+    """Say what solving cost (seconds, env steps, solved/measured seeds); no cost when no seed solved."""
+    seeds = f"{m.solved_seeds or 0}/{m.seeds} seeds" if m.seeds else ""
+    if m.seeds and not m.solved_seeds:
+        return f"not solved ({seeds})"
+    parts = []
+    if m.seconds is not None:
+        parts.append(f"{m.seconds:.1f} s")
+    if m.env_steps is not None:
+        parts.append(f"{m.env_steps:,} steps")
+    if not parts:
+        return "-"
+    return ", ".join([*parts, seeds] if seeds else parts)
 
 
 def _shipped_score(path: Path, env_id: str) -> str:

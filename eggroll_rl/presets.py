@@ -134,6 +134,10 @@ class EvalSettings:
     every: int = 10  # generations between evaluations; 0: only after training
     episodes: int = 100  # episodes per evaluation (the solved test averages over these)
     stop_on_target: bool = True  # stop training once an evaluation reaches the target
+    # Stop only when the evaluation's mean clears the target by this many standard errors
+    # (mean - stop_margin_se * std / sqrt(episodes) >= target): a lower confidence bound, so a
+    # center whose returns vary a lot is not stopped on a lucky evaluation (0: the mean alone).
+    stop_margin_se: float = 0.0
     # Also evaluate every generation whose mean training fitness reaches this value: a cheap
     # signal that the center may be solved, so short runs need not wait for the next `every`.
     from_fitness: float | None = None
@@ -582,6 +586,11 @@ def _validate(p: Preset) -> None:
     need(all(h >= 1 for h in pol.hidden_sizes), "policy.hidden_sizes", "every layer needs >= 1 unit")
     need(ev.every >= 0, "eval.every", "must be >= 0 (0: evaluate only after training)")
     need(ev.screen_episodes >= 0, "eval.screen_episodes", "must be >= 0 (0: no screen)")
+    need(
+        math.isfinite(ev.stop_margin_se) and ev.stop_margin_se >= 0,
+        "eval.stop_margin_se",
+        "must be a finite number >= 0 (0: the evaluation's mean alone decides)",
+    )
     need(ev.episodes >= 1, "eval.episodes", "must be >= 1")
     need(
         run.max_seconds is None or (math.isfinite(run.max_seconds) and run.max_seconds > 0),

@@ -88,7 +88,14 @@ __all__ = [
 # Keys a resumed run may change: budgets and bookkeeping. Anything else would make the resumed run
 # differ from the one the checkpoint belongs to.
 RESUMABLE_KEYS = frozenset(
-    {"trainer.generations", "run.max_seconds", "run.checkpoint_every", "run.device", "eval.stop_on_target"}
+    {
+        "trainer.generations",
+        "run.max_seconds",
+        "run.checkpoint_every",
+        "run.device",
+        "eval.stop_on_target",
+        "eval.stop_margin_se",
+    }
 )
 # History columns that measure this machine's speed, not the run's state; they legitimately
 # differ between a resumed and an uninterrupted run.
@@ -415,15 +422,27 @@ def _promising(preset: Preset, mean_fitness: float) -> bool:
     return preset.eval.from_fitness is not None and mean_fitness >= preset.eval.from_fitness
 
 
+def clears_target(mean: float, std: float, preset: Preset, target: float) -> bool:
+    """Whether an evaluation (mean, std of its returns) clears the target by ``eval.stop_margin_se``.
+
+    The margin is in standard errors of a full evaluation, ``std / sqrt(eval.episodes)``: the
+    lower confidence bound ``mean - stop_margin_se * std / sqrt(eval.episodes)`` must reach the
+    target. A screen applies the same bar with its own std, so it passes only centers that the
+    full evaluation could stop on.
+    """
+    margin = preset.eval.stop_margin_se * std / math.sqrt(preset.eval.episodes)
+    return bool(mean - margin >= target)
+
+
 def _screen_passes(trainer: Any, preset: Preset, target: float | None) -> tuple[bool, int]:
-    """Play ``eval.screen_episodes`` fresh episodes; return (their mean reaches the target, steps)."""
+    """Play ``eval.screen_episodes`` fresh episodes; return (their mean clears the target, steps)."""
     from eggroll_rl.rollout import derive_seed
 
     if not preset.eval.screen_episodes or target is None:
         return True, 0
     seed = derive_seed(_SCREEN_SEED_DOMAIN, preset.trainer.seed, trainer.generation)
     screen = _evaluate_center(trainer, preset, episodes=preset.eval.screen_episodes, seed=seed)
-    return bool(screen.mean >= target), int(screen.lengths.sum())
+    return clears_target(screen.mean, screen.std, preset, target), int(screen.lengths.sum())
 
 
 def _eval_seed(seed: int, generation: int) -> int:
@@ -619,7 +638,11 @@ def train(
                         decision: dict[str, Any] = {"stop": None}
                         if result is not None:
                             decision["eval"] = (result.mean, result.std, int(result.lengths.sum()))
-                            if target is not None and preset.eval.stop_on_target and result.mean >= target:
+                            if (
+                                target is not None
+                                and preset.eval.stop_on_target
+                                and clears_target(result.mean, result.std, preset, target)
+                            ):
                                 decision["stop"] = "target"
                         now = elapsed_before + time.perf_counter() - t_start
                         if decision["stop"] is None and max_seconds is not None and now >= max_seconds:

@@ -399,3 +399,18 @@ def test_evaluation_due_every_k_and_once_promising() -> None:
     assert evaluation_due(preset, 3, 400.0) and not evaluation_due(preset, 3, 399.9)
     only_end = apply_overrides(preset, ["eval.every=0", "eval.from_fitness=none"])
     assert not any(evaluation_due(only_end, g, 1e9) for g in range(1, 20))
+
+
+def test_envs_reports_a_cost_only_for_solved_seeds() -> None:
+    from eggroll_rl.cli import _measured_cell
+    from eggroll_rl.presets import Measured
+
+    solved = Measured(seconds=12.34, env_steps=48417, seeds=3, solved_seeds=2)
+    assert _measured_cell(solved) == "12.3 s, 48,417 steps, 2/3 seeds"
+    # A seconds/steps pair for a preset that never solved would read as a cost to solve.
+    assert _measured_cell(Measured(seconds=1336.9, env_steps=9232000, seeds=2, solved_seeds=0)) == (
+        "not solved (0/2 seeds)"
+    )
+    assert _measured_cell(Measured(seconds=5.0, seeds=2)) == "not solved (0/2 seeds)"
+    assert _measured_cell(Measured(seconds=5.0)) == "5.0 s"
+    assert _measured_cell(Measured()) == "-"

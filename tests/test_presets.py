@@ -328,6 +328,8 @@ def test_overrides_apply_together_before_validation() -> None:
         ("train_max_episode_steps=1.5", "rollout.train_max_episode_steps: expected an integer or none"),
         ("hidden_sizes=64,0", "policy.hidden_sizes: every layer"),
         ("eval.every=-1", "eval.every: must be >= 0"),
+        ("eval.stop_margin_se=-1", "eval.stop_margin_se: must be a finite number >= 0"),
+        ("eval.stop_margin_se=inf", "eval.stop_margin_se: must be a finite number >= 0"),
         ("episodes=0", "eval.episodes: must be >= 1"),
         ("max_seconds=0", "run.max_seconds: must be > 0"),
         ("target=inf", "target: must be a finite number"),

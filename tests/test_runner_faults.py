@@ -352,6 +352,70 @@ def test_a_target_stop_is_scored_on_fresh_episodes_that_decided_nothing(
     assert ("--resume" in out) is (fresh != 40.0)  # not solved after all: say how to train on
 
 
+@pytest.mark.parametrize("margin", [0.0, 2.0])
+def test_a_stop_margin_needs_the_lower_confidence_bound_to_clear_the_target(
+    margin: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mean 41, std 2 over 4 episodes: standard error 1, bound 41 - 2 = 39 < 40; mean 43: 41 >= 40."""
+    import dataclasses
+
+    import numpy as np
+
+    from eggroll_rl import rollout
+    from eggroll_rl.presets import Preset, apply_overrides
+    from eggroll_rl.run import train
+
+    real, calls = rollout.evaluate, []
+    scripted_returns = [[39.0, 39.0, 43.0, 43.0], [41.0, 41.0, 45.0, 45.0], [44.0] * 4]
+
+    def scripted(policy, env_id, *, episodes, seed, **kwargs):
+        played = real(policy, env_id, episodes=episodes, seed=seed, **kwargs)
+        returns = np.array(scripted_returns[len(calls)])
+        calls.append(returns)
+        return dataclasses.replace(
+            played, returns=returns, mean=float(returns.mean()), std=float(returns.std())
+        )
+
+    monkeypatch.setattr(rollout, "evaluate", scripted)
+    preset = apply_overrides(
+        Preset(_limited_env(), target=40.0),
+        [
+            "population=4",
+            "generations=5",
+            "eval.every=1",
+            "eval.episodes=4",
+            "hidden_sizes=4",
+            f"eval.stop_margin_se={margin}",
+        ],
+    )
+    result = train(preset, tmp_path / "runs")
+    # Without a margin the first evaluation (mean 41 >= 40) stops; with 2 standard errors the second.
+    assert result.stopped == "target" and result.generations == (1 if margin == 0 else 2)
+    assert result.results["stop_eval_mean"] == (41.0 if margin == 0 else 43.0)
+
+
+def test_a_screen_asks_for_the_same_margin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A screen's mean must clear the target by the margin in standard errors of the full evaluation."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from eggroll_rl import run
+    from eggroll_rl.presets import Preset, apply_overrides
+
+    preset = apply_overrides(
+        Preset(_limited_env(), target=40.0),
+        ["eval.episodes=100", "eval.screen_episodes=5", "eval.stop_margin_se=2"],
+    )
+    trainer = SimpleNamespace(generation=7)
+    for (mean, std), passes in {(43.9, 20.0): False, (44.0, 20.0): True, (40.0, 0.0): True}.items():
+        # bound = mean - 2 * std / sqrt(100): 39.9, 40.0, 40.0
+        played = SimpleNamespace(mean=mean, std=std, lengths=np.full(5, 40))
+        monkeypatch.setattr(run, "_evaluate_center", lambda *a, played=played, **k: played)
+        assert run._screen_passes(trainer, preset, 40.0) == (passes, 200)
+    assert not run.clears_target(39.99, 0.0, preset, 40.0)
+
+
 @pytest.mark.parametrize(
     ("sets", "expected"),
     [
