@@ -295,6 +295,16 @@ class Agent:
         """Return the keyword arguments ``make_policy`` was built with."""
         return dict(self.config.get("policy", {}))
 
+    @property
+    def env_kwargs(self) -> dict[str, Any]:
+        """Return the ``gym.make`` keyword arguments the agent was trained with (config ``env_kwargs``)."""
+        from eggroll_rl.presets import PresetError, check_env_kwargs
+
+        try:
+            return check_env_kwargs(self.config.get("env_kwargs") or {})
+        except PresetError as exc:
+            raise AgentError(f"{self.directory / CONFIG_FILE}: {exc}") from None
+
     def history(self) -> dict[str, list[int | float | str | None]]:
         """Read this agent's per-generation history (empty when it has none)."""
         return {} if self.history_path is None else read_history(self.history_path)
@@ -308,7 +318,7 @@ class Agent:
         from eggroll_rl.policies import make_policy  # lazy: keeps storage free of RL deps
 
         if observation_space is None or action_space is None:
-            observation_space, action_space = _env_spaces(self.env_id)
+            observation_space, action_space = _env_spaces(self.env_id, self.env_kwargs)
         policy_file = self.directory / POLICY_FILE
         try:
             policy = make_policy(observation_space, action_space, **self.policy_config)
@@ -325,12 +335,12 @@ class Agent:
         return policy.eval()
 
 
-def _env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """Return the single-env observation and action spaces of ``env_id``."""
+def _env_spaces(env_id: str, env_kwargs: dict[str, Any]) -> tuple[gym.Space, gym.Space]:
+    """Return the single-env observation and action spaces of ``gym.make(env_id, **env_kwargs)``."""
     import gymnasium as gym
 
     try:
-        env = gym.make(env_id)
+        env = gym.make(env_id, **env_kwargs)
     except (ImportError, gym.error.DependencyNotInstalled) as exc:
         from eggroll_rl.presets import dependency_hint
 

@@ -339,7 +339,10 @@ def eval_(
     recorded = loaded.config.get("target")  # the run's config; a hand-edited one may hold anything
     numeric = isinstance(recorded, int | float) and not isinstance(recorded, bool)
     target = env_target(env_id, recorded if numeric else None)
-    result = evaluate(policy, env_id, episodes=episodes, seed=seed, max_episode_steps=cap)
+    env_kwargs = loaded.env_kwargs
+    result = evaluate(
+        policy, env_id, episodes=episodes, seed=seed, max_episode_steps=cap, env_kwargs=env_kwargs
+    )
     finite = bool(np.isfinite(result.returns).all())
     verdict = "n/a (no target)" if target is None else "yes" if finite and result.mean >= target else "no"
     against = "" if target is None else f" (target {target:g})"
@@ -351,7 +354,7 @@ def eval_(
 
         def record_to(directory: Path) -> Any:
             path = directory / f"{slug}-seed{seed}.mp4"
-            return record_episode(policy, env_id, path, seed=seed, max_steps=cap)
+            return record_episode(policy, env_id, path, seed=seed, max_steps=cap, env_kwargs=env_kwargs)
 
         try:
             video = _record_or_fallback(record_to, videos / slug)

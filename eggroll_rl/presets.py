@@ -8,6 +8,7 @@ A preset file is ``envs/<ENV_ID>.toml`` (``/`` in namespaced ids becomes ``__``)
     notes = "..."
     reference = "..."          # a published result to compare with (shown by `eggroll-rl envs`)
 
+    [env_kwargs]               # keyword arguments of gym.make(env_id, ...), e.g. continuous = true
     [trainer]                  # TrainerSettings
     [rollout]                  # RolloutSettings
     [policy]                   # PolicySettings
@@ -18,7 +19,8 @@ A preset file is ``envs/<ENV_ID>.toml`` (``/`` in namespaced ids becomes ``__``)
 Every key has a default (the dataclasses below), so an env with no preset trains on the
 defaults and a preset lists only what it changes. TOML has no null: an omitted optional key is
 None. Overrides (``--set key=value``) use the same schema, addressed as ``section.key``, a bare
-``key`` when it is unique among the run sections, or a top-level key.
+``key`` when it is unique among the run sections, or a top-level key; ``env_kwargs.NAME=value``
+sets (``none``: removes) one keyword argument of the env, its value read as TOML.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ SECTIONS: dict[str, type] = {
 # not what tuning measured.
 RUN_SECTIONS = ("trainer", "rollout", "policy", "eval", "run")
 TOP_LEVEL = ("env_id", "tuned", "target", "notes", "reference")
+ENV_KWARGS = "env_kwargs"  # the [env_kwargs] table: gym.make keyword arguments
 ALIASES = {
     "trainer": "trainer.algorithm",
     "learning_rate": "trainer.lr",
@@ -201,6 +204,9 @@ class Preset:
     target: float | None = None  # None: the env spec's reward_threshold
     notes: str = ""
     reference: str = ""  # a published baseline, e.g. "ARS (rl-baselines3-zoo): 355.3 in 2M steps"
+    # Keyword arguments of gym.make(env_id, ...) for every env the run makes (training,
+    # evaluation, the agent's eval and video): part of the task, recorded in the agent's config.
+    env_kwargs: Mapping[str, Any] = field(default_factory=dict)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
@@ -224,6 +230,7 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         """Return the schema values as plain TOML/JSON data (tuples become lists)."""
         out: dict[str, Any] = {name: getattr(self, name) for name in TOP_LEVEL}
+        out["env_kwargs"] = dict(self.env_kwargs)
         for section in SECTIONS:
             out[section] = {
                 f.name: _plain(getattr(getattr(self, section), f.name))
@@ -234,7 +241,7 @@ class Preset:
     def flat(self) -> dict[str, Any]:
         """Return every run key as ``{"section.key": value}`` (for tables and diffs)."""
         data = self.to_dict()
-        out = {name: data[name] for name in TOP_LEVEL}
+        out = {name: data[name] for name in (*TOP_LEVEL, "env_kwargs")}
         for section in SECTIONS:
             out.update({f"{section}.{k}": v for k, v in data[section].items()})
         return out
@@ -446,8 +453,15 @@ def _from_mapping(
                 top[key] = _coerce(key, value, top_types[key], text=False)
             except PresetError as exc:
                 raise err(str(exc)) from None
+        elif key == ENV_KWARGS:
+            if not isinstance(value, Mapping):
+                raise err(f"[{key}] must be a table, got {type(value).__name__}")
+            try:
+                top[key] = check_env_kwargs(value)
+            except PresetError as exc:
+                raise err(str(exc)) from None
         else:
-            close = difflib.get_close_matches(key, [*TOP_LEVEL, *SECTIONS], n=3)
+            close = difflib.get_close_matches(key, [*TOP_LEVEL, ENV_KWARGS, *SECTIONS], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise err(f"unknown key {key!r}{hint}")
     top.setdefault("env_id", env_id)
@@ -482,8 +496,20 @@ def apply_overrides(preset: Preset, overrides: Iterable[str] | Mapping[str, Any]
 
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
+    env_kwargs = dict(preset.env_kwargs)
     applied = list(preset.overridden)
     for key, value in items:
+        if key.strip().startswith(ENV_KWARGS + "."):
+            name = key.strip()[len(ENV_KWARGS) + 1 :]
+            parsed = _parse_env_kwarg(name, value) if isinstance(value, str) else value
+            if parsed is None:
+                env_kwargs.pop(name, None)
+            else:
+                env_kwargs[name] = _env_kwarg(name, parsed)
+            top[ENV_KWARGS] = env_kwargs
+            if f"{ENV_KWARGS}.{name}" not in applied:
+                applied.append(f"{ENV_KWARGS}.{name}")
+            continue
         section, name = _resolve_key(key)
         full = name if section is None else f"{section}.{name}"
         if full == "env_id":
@@ -496,6 +522,42 @@ def apply_overrides(preset: Preset, overrides: Iterable[str] | Mapping[str, Any]
     for section, changes in sections.items():
         top[section] = dataclasses.replace(getattr(preset, section), **changes)
     return dataclasses.replace(preset, **top, overridden=tuple(applied)).validate()
+
+
+def check_env_kwargs(value: Any) -> dict[str, Any]:
+    """Return ``value`` as ``env_kwargs``: a table of keyword argument names to TOML values."""
+    if not isinstance(value, Mapping):
+        raise PresetError(f"{ENV_KWARGS}: expected a table of keyword arguments, got {value!r}")
+    return {str(name): _env_kwarg(str(name), item) for name, item in value.items()}
+
+
+def _env_kwarg(name: str, value: Any) -> Any:
+    """Check one ``env_kwargs`` entry: a Python identifier, a TOML scalar or a list of them."""
+    if not name.isidentifier():
+        raise PresetError(f"{ENV_KWARGS}.{name}: the name must be a keyword argument name")
+    scalar = (bool, int, float, str)
+    if isinstance(value, scalar) or (
+        isinstance(value, list | tuple) and all(isinstance(v, scalar) for v in value)
+    ):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PresetError(f"{ENV_KWARGS}.{name}: expected a finite number, got {value!r}")
+        return list(value) if isinstance(value, tuple) else value
+    raise PresetError(
+        f"{ENV_KWARGS}.{name}: expected a boolean, number, string or a list of them, got {value!r}"
+    )
+
+
+def _parse_env_kwarg(name: str, text: str) -> Any:
+    """Read a command-line value as TOML (``true``, ``0.5``, ``[1, 2]``, ``"x"``); else a bare string."""
+    stripped = text.strip()
+    if stripped.lower() in {"none", "null"}:
+        return None
+    if not name.isidentifier():
+        raise PresetError(f"{ENV_KWARGS}.{name}: the name must be a keyword argument name")
+    try:
+        return tomllib.loads(f"v = {stripped}")["v"]
+    except tomllib.TOMLDecodeError:
+        return stripped
 
 
 def _validate(p: Preset) -> None:
@@ -585,6 +647,12 @@ def _validate(p: Preset) -> None:
         )
     need(all(h >= 1 for h in pol.hidden_sizes), "policy.hidden_sizes", "every layer needs >= 1 unit")
     need(ev.every >= 0, "eval.every", "must be >= 0 (0: evaluate only after training)")
+    need(
+        not (p.env_kwargs and r.backend == "envpool"),
+        "rollout.backend",
+        f"cannot be envpool with env_kwargs {dict(p.env_kwargs)} (gym.make's keyword arguments; envpool "
+        "takes its own): use auto or sync",
+    )
     need(ev.screen_episodes >= 0, "eval.screen_episodes", "must be >= 0 (0: no screen)")
     need(
         math.isfinite(ev.stop_margin_se) and ev.stop_margin_se >= 0,
@@ -719,6 +787,8 @@ def dump_preset(preset: Preset, *, only_changed: bool = False) -> str:
         if _omitted(value) or (only_changed and name != "env_id" and value == defaults[name]):
             continue
         lines.append(f"{name} = {_toml_value(value)}")
+    if data[ENV_KWARGS]:
+        lines += ["", f"[{ENV_KWARGS}]", *(f"{k} = {_toml_value(v)}" for k, v in data[ENV_KWARGS].items())]
     for section in SECTIONS:
         body = [
             f"{k} = {_toml_value(v)}"

@@ -249,7 +249,7 @@ def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
     from eggroll_rl.rollout import RolloutFitness
 
     t, r, pol = preset.trainer, preset.rollout, preset.policy
-    probe = gym.make(preset.env_id)
+    probe = gym.make(preset.env_id, **preset.env_kwargs)
     try:
         obs_space, act_space = probe.observation_space, probe.action_space
     finally:
@@ -271,6 +271,7 @@ def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
         obs_norm_fraction=r.obs_norm_fraction,
         reward_shift=r.reward_shift,
         crn=r.crn,
+        env_kwargs=preset.env_kwargs,
     )
     common = dict(
         learning_rate=_schedule(t.lr, t.lr_decay),
@@ -473,6 +474,7 @@ def _evaluate_center(
         seed=_eval_seed(preset.trainer.seed, trainer.generation) if seed is None else seed,
         max_episode_steps=preset.rollout.max_episode_steps,
         backend=preset.rollout.backend,
+        env_kwargs=preset.env_kwargs,
         world=trainer.world,
     )
 

@@ -7,9 +7,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,8 +102,11 @@ def record_episode(
     *,
     seed: int = 0,
     max_steps: int | None = None,
+    env_kwargs: Mapping[str, Any] | None = None,
 ) -> Recording:
     """Play one deterministic episode of ``policy`` on ``env_id`` and write it to ``path`` (mp4).
+
+    ``env_kwargs`` are the keyword arguments of ``gym.make`` the agent was trained with.
 
     The episode ends at ``max_steps`` (default: the env's own limit, else the default cap of
     :func:`eggroll_rl.rollout.episode_cap`), the same cap training and evaluation use. Raises
@@ -130,7 +134,7 @@ def record_episode(
     work = Path(tempfile.mkdtemp(prefix=".record-", dir=dest.parent))
     try:
         env = RecordVideo(
-            gym.make(spec, render_mode="rgb_array", **kwargs),
+            gym.make(spec, render_mode="rgb_array", **kwargs, **dict(env_kwargs or {})),
             video_folder=str(work / "video"),  # a fresh folder: RecordVideo warns about existing ones
             episode_trigger=lambda episode: episode == 0,
             name_prefix="episode",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -414,3 +416,80 @@ def test_envs_reports_a_cost_only_for_solved_seeds() -> None:
     assert _measured_cell(Measured(seconds=5.0, seeds=2)) == "not solved (0/2 seeds)"
     assert _measured_cell(Measured(seconds=5.0)) == "5.0 s"
     assert _measured_cell(Measured()) == "-"
+
+
+def test_env_kwargs_reach_every_env_the_run_and_its_agent_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`continuous=True` turns LunarLander's 4 discrete actions into a 2-d Box: train, eval, record."""
+    pytest.importorskip("Box2D")
+    from eggroll_rl.agents import load_agent
+
+    args = ["--population", "4", "--generations", "1", "--set", "eval.episodes=2", "--no-progress"]
+    args += [
+        "--set",
+        "env_kwargs.continuous=true",
+        "--set",
+        "max_episode_steps=60",
+        "--set",
+        "train_max_episode_steps=none",
+        "--set",
+        "backend=sync",  # the preset's envpool (where installed) has its own options
+        "--set",
+        "hidden_sizes=4",
+    ]
+    code, out, err = cli(capsys, "train", "LunarLander-v3", "--out", tmp_path / "runs", *args)
+    assert code == 0, err
+    agent = load_agent(tmp_path / "runs" / "LunarLander-v3")
+    assert agent.config["env_kwargs"] == {"continuous": True} and agent.env_kwargs == {"continuous": True}
+    out_layer = [v for k, v in agent.state_dict.items() if k.endswith("weight")][-1]
+    assert out_layer.shape[0] == 2  # a Box(2) policy; the discrete game would need 4 outputs
+    assert agent.build_policy()(torch.zeros(1, 8)).shape == (1, 2)
+
+    code, out, err = cli(capsys, "eval", tmp_path / "runs" / "LunarLander-v3", "--episodes", "2", "--record")
+    assert code == 0, err
+    assert "over 2 episodes" in out and "recorded" in out
+
+    # The env is part of the run: --resume cannot change it.
+    code, _, err = cli(
+        capsys,
+        "train",
+        "LunarLander-v3",
+        "--out",
+        tmp_path / "runs",
+        "--resume",
+        "--generations",
+        "2",
+        "--set",
+        "env_kwargs.continuous=false",
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "env_kwargs cannot change" in lines[0], err
+
+
+def test_env_kwargs_in_a_preset_file_round_trip(tmp_path: Path) -> None:
+    from eggroll_rl.presets import PresetError, apply_overrides, dump_preset
+
+    def load_preset_file(path: Path) -> Any:
+        return load_preset("LunarLander-v3", presets_dir=path.parent)
+
+    path = tmp_path / "LunarLander-v3.toml"
+    path.write_text('env_id = "LunarLander-v3"\n\n[env_kwargs]\ncontinuous = true\ngravity = -9.0\n')
+    preset = load_preset_file(path)
+    assert preset.env_kwargs == {"continuous": True, "gravity": -9.0}
+    path.write_text(dump_preset(preset))
+    assert load_preset_file(path).env_kwargs == preset.env_kwargs
+    changed = apply_overrides(preset, ["env_kwargs.gravity=none", "env_kwargs.wind_power=[1, 2]"])
+    assert changed.env_kwargs == {"continuous": True, "wind_power": [1, 2]}
+    assert apply_overrides(preset, ["env_kwargs.mode=hard"]).env_kwargs["mode"] == "hard"  # a bare string
+    for bad, message in (
+        ("env_kwargs.2x=1", "env_kwargs.2x: the name must be a keyword argument name"),
+        ("env_kwargs.x={a = 1}", "env_kwargs.x: expected a boolean, number, string or a list of them"),
+        ("env_kwargs.x=nan", "env_kwargs.x: expected a finite number"),
+        ("backend=envpool", "rollout.backend: cannot be envpool with env_kwargs"),
+    ):
+        with pytest.raises(PresetError, match=re.escape(message)):
+            apply_overrides(preset, [bad])
+    path.write_text('env_id = "LunarLander-v3"\nenv_kwargs = 3\n')
+    with pytest.raises(PresetError, match=r"\[env_kwargs\] must be a table"):
+        load_preset_file(path)
