@@ -93,6 +93,29 @@ def test_top_directions_update_ignores_the_dropped_pairs() -> None:
     torch.testing.assert_close(dirs.T @ coef.squeeze(1), base, atol=1e-6, rtol=1e-5)
 
 
+def test_sgd_at_lr_2alpha_over_sigma_sqrt_n_takes_ars_v2t_step() -> None:
+    """ARS V2-t: theta += alpha / (b sigma_R) sum_k (r+_k - r-_k) delta_k over the b best pairs.
+
+    With zscore-shaped top-b and plain SGD the trainer steps ``lr * sigma * sqrt(N) / (2b) *
+    sum_k (r+_k - r-_k) / sigma_R * eps_k``: the same step when ``lr = 2 alpha / (sigma sqrt(N))``,
+    how the MuJoCo presets carry ARS's step sizes over (Ant-v5: alpha 0.015, sigma 0.025, N 32).
+    """
+    alpha, sigma, n, b = 0.015, 0.025, 16, 3
+    trainer = _quadratic_trainer(top_directions(b, "zscore"))
+    p = trainer.sample_perturbations(n)
+    r = torch.tensor([3.0, -1.0, 0.5, 2.5, 7.0, 1.0, -2.0, 0.0, 4.0, 6.5, 1.5, 1.0, 0.0, 2.0, 5.0, -3.0])
+    lr = 2 * alpha / (sigma * math.sqrt(n))
+    step = lr * trainer.compute_update(p, r.double()).double()
+    # By hand: pairs (2j, 2j+1) ranked by max(r+, r-): maxima 3, 2.5, 7, 0, 6.5, 1.5, 2, 5 -> 2, 4, 7.
+    top = [2, 4, 7]
+    plus, minus = r[[2 * k for k in top]].double(), r[[2 * k + 1 for k in top]].double()
+    sigma_r = torch.cat([plus, minus]).std(correction=0)
+    eps = [p[2 * k].double() / sigma for k in top]  # member 2k is +sigma * eps_k, 2k+1 is -sigma * eps_k
+    torch.testing.assert_close(p[2 * top[0] + 1].double(), -p[2 * top[0]].double())
+    ars = alpha / (b * sigma_r) * sum((pk - mk) * e for pk, mk, e in zip(plus, minus, eps))
+    torch.testing.assert_close(step, ars, rtol=1e-5, atol=1e-9)
+
+
 def test_top_directions_preset_key_builds_the_shaper_and_is_validated() -> None:
     from eggroll_rl.run import build_trainer
 
