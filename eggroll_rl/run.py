@@ -431,6 +431,8 @@ def clears_target(mean: float, std: float, preset: Preset, target: float) -> boo
     target. A screen applies the same bar with its own std, so it passes only centers that the
     full evaluation could stop on.
     """
+    if not preset.eval.stop_margin_se:
+        return bool(mean >= target)  # the mean alone, whatever the std (NaN with non-finite returns)
     margin = preset.eval.stop_margin_se * std / math.sqrt(preset.eval.episodes)
     return bool(mean - margin >= target)
 
