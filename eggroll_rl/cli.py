@@ -163,7 +163,7 @@ def train(
 ) -> None:
     """Train an agent for ENV_ID from its preset (envs/ENV_ID.toml) and save it to OUT/ENV_ID[_N]."""
     from eggroll_rl.presets import apply_overrides, check_env_id, dump_preset, load_preset
-    from eggroll_rl.run import check_episode_caps, resume_preset
+    from eggroll_rl.run import check_episode_caps, env_spaces, resume_preset
 
     root = out if out is not None else _agents_root()
     typed = {
@@ -195,6 +195,8 @@ def train(
             _echo(dump_preset(preset).rstrip())
             _echo()
     check_episode_caps(preset)  # before any process starts: exit 2 under --nproc too
+    if preset.env_kwargs:
+        env_spaces(preset)  # an env that does not take them: exit 2 before any work
     kind = "plain" if no_progress or not sys.stdout.isatty() else "rich"
     if resume and overwrite:
         raise _fail("--resume continues a run in its own directory; --overwrite does not apply")

@@ -240,20 +240,37 @@ def check_episode_caps(preset: Preset) -> None:
         )
 
 
+def env_spaces(preset: Preset) -> tuple[Any, Any]:
+    """Return the observation and action spaces of ``gym.make(env_id, **env_kwargs)``.
+
+    Raises RunError naming ``env_kwargs`` when the env does not take them.
+    """
+    import gymnasium as gym
+
+    try:
+        probe = gym.make(preset.env_id, **preset.env_kwargs)
+    except TypeError as exc:
+        if not preset.env_kwargs:
+            raise
+        reason = str(exc).split(" was raised from")[0]
+        raise RunError(
+            f"env_kwargs: {preset.env_id} does not take {dict(preset.env_kwargs)} ({reason})"
+        ) from None
+    try:
+        return probe.observation_space, probe.action_space
+    finally:
+        probe.close()
+
+
 def build_trainer(preset: Preset, device: torch.device | str = "cpu") -> Any:
     """Build the policy, the rollout fitness and the trainer a preset describes; return the trainer."""
-    import gymnasium as gym
 
     from eggroll_rl.core import EGGROLLTrainer, VanillaESTrainer
     from eggroll_rl.policies import make_policy
     from eggroll_rl.rollout import RolloutFitness
 
     t, r, pol = preset.trainer, preset.rollout, preset.policy
-    probe = gym.make(preset.env_id, **preset.env_kwargs)
-    try:
-        obs_space, act_space = probe.observation_space, probe.action_space
-    finally:
-        probe.close()
+    obs_space, act_space = env_spaces(preset)
     # Seed the initial weights from the run seed so a run is reproducible from its config alone.
     torch.manual_seed(t.seed)
     policy = make_policy(obs_space, act_space, **dataclasses.asdict(pol)).to(device)

@@ -493,3 +493,14 @@ def test_env_kwargs_in_a_preset_file_round_trip(tmp_path: Path) -> None:
     path.write_text('env_id = "LunarLander-v3"\nenv_kwargs = 3\n')
     with pytest.raises(PresetError, match=r"\[env_kwargs\] must be a table"):
         load_preset_file(path)
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_env_kwargs_the_env_does_not_take_exit_2_with_one_line(
+    nproc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, "train", "CartPole-v1", "--set", "env_kwargs.bogus_arg=3", "--nproc", nproc)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "env_kwargs: CartPole-v1 does not take {'bogus_arg': 3}" in lines[0] and "bogus_arg" in lines[0]
+    assert not (tmp_path / "runs").exists()  # refused before any work
