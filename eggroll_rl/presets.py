@@ -230,7 +230,7 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         """Return the schema values as plain TOML/JSON data (tuples become lists)."""
         out: dict[str, Any] = {name: getattr(self, name) for name in TOP_LEVEL}
-        out["env_kwargs"] = dict(self.env_kwargs)
+        out[ENV_KWARGS] = dict(self.env_kwargs)
         for section in SECTIONS:
             out[section] = {
                 f.name: _plain(getattr(getattr(self, section), f.name))
@@ -241,7 +241,7 @@ class Preset:
     def flat(self) -> dict[str, Any]:
         """Return every run key as ``{"section.key": value}`` (for tables and diffs)."""
         data = self.to_dict()
-        out = {name: data[name] for name in (*TOP_LEVEL, "env_kwargs")}
+        out = {name: data[name] for name in (*TOP_LEVEL, ENV_KWARGS)}
         for section in SECTIONS:
             out.update({f"{section}.{k}": v for k, v in data[section].items()})
         return out
@@ -454,8 +454,6 @@ def _from_mapping(
             except PresetError as exc:
                 raise err(str(exc)) from None
         elif key == ENV_KWARGS:
-            if not isinstance(value, Mapping):
-                raise err(f"[{key}] must be a table, got {type(value).__name__}")
             try:
                 top[key] = check_env_kwargs(value)
             except PresetError as exc:
@@ -500,8 +498,8 @@ def apply_overrides(preset: Preset, overrides: Iterable[str] | Mapping[str, Any]
     applied = list(preset.overridden)
     for key, value in items:
         if key.strip().startswith(ENV_KWARGS + "."):
-            name = key.strip()[len(ENV_KWARGS) + 1 :]
-            parsed = _parse_env_kwarg(name, value) if isinstance(value, str) else value
+            name = _kwarg_name(key.strip()[len(ENV_KWARGS) + 1 :])
+            parsed = _parse_env_kwarg(value) if isinstance(value, str) else value
             if parsed is None:
                 env_kwargs.pop(name, None)
             else:
@@ -527,14 +525,19 @@ def apply_overrides(preset: Preset, overrides: Iterable[str] | Mapping[str, Any]
 def check_env_kwargs(value: Any) -> dict[str, Any]:
     """Return ``value`` as ``env_kwargs``: a table of keyword argument names to TOML values."""
     if not isinstance(value, Mapping):
-        raise PresetError(f"{ENV_KWARGS}: expected a table of keyword arguments, got {value!r}")
-    return {str(name): _env_kwarg(str(name), item) for name, item in value.items()}
+        raise PresetError(f"[{ENV_KWARGS}] must be a table, got {type(value).__name__}")
+    return {_kwarg_name(str(name)): _env_kwarg(str(name), item) for name, item in value.items()}
+
+
+def _kwarg_name(name: str) -> str:
+    """Return ``name`` if it can be a keyword argument; raise PresetError naming it otherwise."""
+    if not name.isidentifier():
+        raise PresetError(f"{ENV_KWARGS}.{name}: the name must be a keyword argument name")
+    return name
 
 
 def _env_kwarg(name: str, value: Any) -> Any:
-    """Check one ``env_kwargs`` entry: a Python identifier, a TOML scalar or a list of them."""
-    if not name.isidentifier():
-        raise PresetError(f"{ENV_KWARGS}.{name}: the name must be a keyword argument name")
+    """Check one ``env_kwargs`` value: a TOML scalar or a list of them."""
     scalar = (bool, int, float, str)
     if isinstance(value, scalar) or (
         isinstance(value, list | tuple) and all(isinstance(v, scalar) for v in value)
@@ -547,13 +550,11 @@ def _env_kwarg(name: str, value: Any) -> Any:
     )
 
 
-def _parse_env_kwarg(name: str, text: str) -> Any:
+def _parse_env_kwarg(text: str) -> Any:
     """Read a command-line value as TOML (``true``, ``0.5``, ``[1, 2]``, ``"x"``); else a bare string."""
     stripped = text.strip()
     if stripped.lower() in {"none", "null"}:
         return None
-    if not name.isidentifier():
-        raise PresetError(f"{ENV_KWARGS}.{name}: the name must be a keyword argument name")
     try:
         return tomllib.loads(f"v = {stripped}")["v"]
     except tomllib.TOMLDecodeError:

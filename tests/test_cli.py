@@ -504,3 +504,23 @@ def test_env_kwargs_the_env_does_not_take_exit_2_with_one_line(
     assert code == 2 and len(lines) == 1, err
     assert "env_kwargs: CartPole-v1 does not take {'bogus_arg': 3}" in lines[0] and "bogus_arg" in lines[0]
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("env_kwargs", "message"),
+    [(3, "[env_kwargs] must be a table, got int"), ({"bogus_arg": 1}, "cannot make CartPole-v1")],
+)
+def test_an_agent_with_bad_env_kwargs_exits_2_with_one_line(
+    env_kwargs: Any,
+    message: str,
+    trained: tuple[Path, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    agent = tmp_path / "edited"
+    shutil.copytree(trained[0], agent)
+    config = json.loads((agent / "config.json").read_text())
+    (agent / "config.json").write_text(json.dumps({**config, "env_kwargs": env_kwargs}))
+    code, _, err = cli(capsys, "eval", agent, "--episodes", "1")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
