@@ -3,10 +3,10 @@
 Each seed runs ``eggroll-rl train ENV --seed K --out OUT`` in its own process (alone on
 the machine for honest seconds) and reads the run's own ``results.json``: training seconds
 (periodic evaluations included, process start-up not), generations, env steps, the agent's
-100-episode score (after a target stop: fresh episodes; the stopping evaluation's mean in
-brackets) and whether it reaches the preset's target, with the 1-minute load
-average before and after (the seconds mean little on a busy machine). Extra arguments go to
-every ``train`` call (e.g. ``--nproc 2`` or ``--set rollout.backend=sync``).
+100-episode score (after a target stop: fresh episodes; the stopping evaluation's mean, and
+its confirmation's with ``eval.confirm``, in brackets) and whether it reaches the preset's
+target, with the 1-minute load average before and after (the seconds mean little on a busy
+machine). Extra arguments go to every ``train`` call (e.g. ``--nproc 2`` or ``--set rollout.backend=sync``).
 
     python benchmarks/bench_solve.py --out /tmp/lunar-bench                      # LunarLander-v3, seeds 0-4
     python benchmarks/bench_solve.py --env Swimmer-v5 --seeds 0 1 2 --out /tmp/sw-bench --nproc 2
@@ -38,11 +38,13 @@ def main() -> None:
         subprocess.run([*cmd, "--out", str(out), "--no-progress", *extra], check=True)
         results = json.loads((out / args.env / "results.json").read_text())
         rows.append(results)
-        stop = results.get("stop_eval_mean")
+        stop, confirm = results.get("stop_eval_mean"), results.get("confirm_eval_mean")
+        confirm_text = "" if confirm is None else f", confirm {confirm:.1f}"
+        stop_text = "" if stop is None else f" (stop {stop:.1f}{confirm_text})"
         print(
             f"seed {seed}: {results['seconds']:7.1f} s  {results['generations']:4d} generations  "
             f"{results['env_steps']:>9d} env steps ({results.get('eval_env_steps', 0)} in evaluations)  "
-            f"eval {results['mean']:7.1f}{'' if stop is None else f' (stop {stop:.1f})'}  "
+            f"eval {results['mean']:7.1f}{stop_text}  "
             f"solved {results['solved']}  "
             f"load {load:.1f} -> {os.getloadavg()[0]:.1f}",
             flush=True,

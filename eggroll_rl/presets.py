@@ -140,6 +140,10 @@ class EvalSettings:
     # (mean - stop_margin_se * std / sqrt(episodes) >= target): a lower confidence bound, so a
     # center whose returns vary a lot is not stopped on a lucky evaluation (0: the mean alone).
     stop_margin_se: float = 0.0
+    # Stop only when a second evaluation of the same center, on fresh episodes, clears the target
+    # too: the stopping evaluation is the first of many tries to pass, so its mean overstates the
+    # center's; a center that fails the confirmation trains on.
+    confirm: bool = False
     # Also evaluate every generation whose mean training fitness reaches this value: a cheap
     # signal that the center may be solved, so short runs need not wait for the next `every`.
     from_fitness: float | None = None

@@ -21,7 +21,9 @@ evaluates the center once more (unless the last periodic evaluation was of this 
 writes the agent atomically. A run stopped by its target is always scored on fresh episodes: the
 stopping evaluation, the first of many tries to pass, overstates the center's mean (selection
 bias) and is kept beside the score (``stop_eval_mean``) -- so a run may stop on its target yet
-report "not solved".
+report "not solved". With ``eval.confirm`` a center that passes is evaluated once more on fresh
+episodes and the run stops only when that confirmation passes too (``confirm_eval_mean``); else
+training goes on. The agent's score is then a third set of episodes, which decided nothing.
 
 Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the run to stop after the current generation (said at
 once on stderr): it then checkpoints, evaluates and saves like any other stop, except that it
@@ -95,6 +97,7 @@ RESUMABLE_KEYS = frozenset(
         "run.device",
         "eval.stop_on_target",
         "eval.stop_margin_se",
+        "eval.confirm",
     }
 )
 # History columns that measure this machine's speed, not the run's state; they legitimately
@@ -103,6 +106,7 @@ TIMING_COLUMNS = ("time", "generation_seconds", "steps_per_second")
 _EVAL_SEED_DOMAIN = 0x0E7A1
 _SCREEN_SEED_DOMAIN = 0x5C2EE  # screen episodes: fresh seeds, never the evaluation's own
 _REPORT_SEED_DOMAIN = 0x2E907  # the agent's score after a target stop: episodes that decided nothing
+_CONFIRM_SEED_DOMAIN = 0xC0F13  # the second evaluation a target stop needs with eval.confirm
 
 
 class RunError(ValueError):
@@ -454,6 +458,16 @@ def clears_target(mean: float, std: float, preset: Preset, target: float) -> boo
     return bool(mean - margin >= target)
 
 
+def _stops(result: Any, preset: Preset, target: float | None) -> bool:
+    """Whether an evaluation stops the run (before any confirmation): it clears an active target."""
+    return (
+        result is not None
+        and target is not None
+        and preset.eval.stop_on_target
+        and clears_target(result.mean, result.std, preset, target)
+    )
+
+
 def _screen_passes(trainer: Any, preset: Preset, target: float | None) -> tuple[bool, int]:
     """Play ``eval.screen_episodes`` fresh episodes; return (their mean clears the target, steps)."""
     from eggroll_rl.rollout import derive_seed
@@ -469,6 +483,12 @@ def _eval_seed(seed: int, generation: int) -> int:
     from eggroll_rl.rollout import derive_seed
 
     return derive_seed(_EVAL_SEED_DOMAIN, seed, generation)
+
+
+def _confirm_seed(seed: int, generation: int) -> int:
+    from eggroll_rl.rollout import derive_seed
+
+    return derive_seed(_CONFIRM_SEED_DOMAIN, seed, generation)
 
 
 def _report_seed(seed: int, generation: int) -> int:
@@ -599,6 +619,7 @@ def train(
         )
 
     last_eval: tuple[int, Any] | None = None  # (generation, EvalResult) of the latest evaluation
+    confirmed: tuple[float, float] | None = None  # (mean, std) of the latest confirmation (eval.confirm)
     stopped = "generations"
     elapsed = elapsed_before
     t_start = time.perf_counter()
@@ -654,17 +675,25 @@ def train(
                             result = _evaluate_center(trainer, preset)
                     if result is not None:
                         last_eval = (gen, result)
+                    stops = _stops(result, preset, target)
+                    if stops and preset.eval.confirm:
+                        # Every rank plays its share, as for the evaluation itself.
+                        confirm_seed = _confirm_seed(preset.trainer.seed, gen)
+                        confirmation = _evaluate_center(trainer, preset, seed=confirm_seed)
+                        eval_steps += int(confirmation.lengths.sum())
+                        confirmed = (confirmation.mean, confirmation.std)
+                        stops = clears_target(confirmation.mean, confirmation.std, preset, target)
+                        if not stops:
+                            say(
+                                f"gen {gen}: the evaluation cleared the target ({result.mean:.2f}), its "
+                                f"confirmation on fresh episodes did not ({confirmation.mean:.2f} +/- "
+                                f"{confirmation.std:.2f}); training on"
+                            )
 
-                    def decide(result: Any = result) -> dict[str, Any]:
-                        decision: dict[str, Any] = {"stop": None}
+                    def decide(result: Any = result, stops: bool = stops) -> dict[str, Any]:
+                        decision: dict[str, Any] = {"stop": "target" if stops else None}
                         if result is not None:
                             decision["eval"] = (result.mean, result.std, int(result.lengths.sum()))
-                            if (
-                                target is not None
-                                and preset.eval.stop_on_target
-                                and clears_target(result.mean, result.std, preset, target)
-                            ):
-                                decision["stop"] = "target"
                         now = elapsed_before + time.perf_counter() - t_start
                         if decision["stop"] is None and max_seconds is not None and now >= max_seconds:
                             decision["stop"] = "time"
@@ -711,8 +740,9 @@ def train(
                 # its mean overstates the center's. The agent is scored on fresh episodes instead.
                 stop_eval, final_eval = final_eval, None
                 eval_seed = _report_seed(preset.trainer.seed, trainer.generation)
+                confirm = "" if confirmed is None else f"; confirmed: {confirmed[0]:.2f} on fresh episodes"
                 say(
-                    f"Target reached ({stop_eval.mean:.2f}); scoring the agent on "
+                    f"Target reached ({stop_eval.mean:.2f}{confirm}); scoring the agent on "
                     f"{preset.eval.episodes} fresh episodes..."
                 )
             elif final_eval is None:
@@ -735,6 +765,7 @@ def train(
                 notes,
                 eval_seed,
                 stop_eval,
+                confirmed if stopped == "target" else None,
             )
     except KeyboardInterrupt as exc:
         last = _checkpoint_generation(ckpt_file)
@@ -829,11 +860,13 @@ def _finish(
     notes: list[str],
     eval_seed: int,
     stop_eval: Any = None,
+    confirmed: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Write the agent with the final center's evaluation ``result``; return its results.
 
     ``result`` was played from ``eval_seed``; ``stop_eval`` is the evaluation that stopped the run
-    on its target (recorded beside, not as, the agent's score). ``eval_steps`` already counts
+    on its target (recorded beside, not as, the agent's score), ``confirmed`` the (mean, std) of
+    the confirmation it passed (``eval.confirm``). ``eval_steps`` already counts
     ``result``'s episodes. An interrupted run leaves an agent already in ``directory`` as it was.
     When the agent cannot be written to ``directory`` it goes to a temporary directory (said in
     ``notes``).
@@ -862,6 +895,8 @@ def _finish(
     if stop_eval is not None:
         results["stop_eval_mean"] = _finite(stop_eval.mean)
         results["stop_eval_std"] = _finite(stop_eval.std)
+    if confirmed is not None:
+        results["confirm_eval_mean"], results["confirm_eval_std"] = (_finite(v) for v in confirmed)
     if stopped == "interrupted" and (directory / POLICY_FILE).exists():
         say(f"Interrupted: the agent in {directory} is left as it was (the checkpoint holds this run)")
         return {**results, "_saved": False, "_directory": str(directory)}

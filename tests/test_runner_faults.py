@@ -394,6 +394,51 @@ def test_a_stop_margin_needs_the_lower_confidence_bound_to_clear_the_target(
     assert result.results["stop_eval_mean"] == (41.0 if margin == 0 else 43.0)
 
 
+def test_a_confirmation_on_fresh_episodes_must_clear_the_target_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gen 1 passes (41) but its confirmation fails (39): training goes on; gen 2 passes twice."""
+    import dataclasses
+
+    import numpy as np
+
+    from eggroll_rl import rollout
+    from eggroll_rl.presets import Preset, apply_overrides
+    from eggroll_rl.run import _confirm_seed, _eval_seed, _report_seed, train
+
+    real, seeds = rollout.evaluate, []
+    means = [41.0, 39.0, 43.0, 42.0, 40.5]  # eval, confirmation, eval, confirmation, the agent's score
+
+    def scripted(policy, env_id, *, episodes, seed, **kwargs):
+        value = means[len(seeds)]
+        seeds.append(seed)
+        played = real(policy, env_id, episodes=episodes, seed=seed, **kwargs)
+        return dataclasses.replace(played, returns=np.full(episodes, value), mean=value, std=0.0)
+
+    monkeypatch.setattr(rollout, "evaluate", scripted)
+    preset = apply_overrides(
+        Preset(_limited_env(), target=40.0),
+        [
+            "population=4",
+            "generations=5",
+            "eval.every=1",
+            "eval.episodes=2",
+            "hidden_sizes=4",
+            "seed=3",
+            "eval.confirm=true",
+        ],
+    )
+    result = train(preset, tmp_path / "runs")
+    r = result.results
+    assert result.stopped == "target" and result.generations == 2
+    confirm, report = (_confirm_seed(3, g) for g in (1, 2)), _report_seed(3, 2)
+    assert seeds == [_eval_seed(3, 1), next(confirm), _eval_seed(3, 2), next(confirm), report]
+    assert len(set(seeds)) == 5  # every evaluation plays episodes of its own
+    assert (r["stop_eval_mean"], r["confirm_eval_mean"], r["mean"]) == (43.0, 42.0, 40.5)
+    assert r["eval_env_steps"] == 5 * 2 * 40  # five evaluations of 2 episodes, 40 steps each
+    assert [row["eval_mean"] for row in result.rows] == [41.0, 43.0]
+
+
 def test_a_screen_asks_for_the_same_margin(monkeypatch: pytest.MonkeyPatch) -> None:
     """A screen's mean must clear the target by the margin in standard errors of the full evaluation."""
     from types import SimpleNamespace
