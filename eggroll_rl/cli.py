@@ -332,7 +332,7 @@ def eval_(
     slug = env_id.replace("/", "__").replace(":", "__")
     if record:
         # Both checked before any work: a recording that cannot happen must not cost an evaluation.
-        modes = _render_modes(env_id)
+        modes = _render_modes(env_id, loaded.env_kwargs)
         if "rgb_array" not in modes:
             shown = ", ".join(modes) or "none"
             raise _fail(f"--record: {env_id} cannot render rgb_array frames (its render modes: {shown})")
@@ -388,7 +388,8 @@ def _agent_cap(config: dict[str, Any]) -> int | None:
     return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1 else None
 
 
-def _render_modes(env_id: str) -> list[str]:
+def _render_modes(env_id: str, env_kwargs: dict[str, Any]) -> list[str]:
+    """Return the render modes ``env_id`` declares (made with ``env_kwargs`` when only an env says)."""
     from eggroll_rl.presets import split_env_id
 
     entry = gym.spec(split_env_id(env_id)).entry_point
@@ -398,7 +399,7 @@ def _render_modes(env_id: str) -> list[str]:
         return []
     metadata = getattr(cls, "metadata", None)
     if not isinstance(metadata, dict):  # a factory function: make the env to ask it
-        env = gym.make(env_id)
+        env = gym.make(env_id, **env_kwargs)
         try:
             metadata = env.metadata
         finally:

@@ -524,3 +524,20 @@ def test_an_agent_with_bad_env_kwargs_exits_2_with_one_line(
     code, _, err = cli(capsys, "eval", agent, "--episodes", "1")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def _sized_endless(size: int) -> Any:
+    """A factory entry point (no class metadata to read) that needs a keyword argument."""
+    import endless_env
+
+    return endless_env.Endless(reward=float(size))
+
+
+def test_render_modes_of_a_factory_env_are_asked_with_the_agents_env_kwargs() -> None:
+    import gymnasium as gym
+
+    from eggroll_rl.cli import _render_modes
+
+    if "EggrollTest/Sized-v0" not in gym.registry:
+        gym.register(id="EggrollTest/Sized-v0", entry_point=_sized_endless)
+    assert _render_modes("EggrollTest/Sized-v0", {"size": 3}) == ["rgb_array"]
