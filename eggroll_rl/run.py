@@ -470,31 +470,18 @@ def _stops(result: Any, preset: Preset, target: float | None) -> bool:
 
 def _screen_passes(trainer: Any, preset: Preset, target: float | None) -> tuple[bool, int]:
     """Play ``eval.screen_episodes`` fresh episodes; return (their mean clears the target, steps)."""
-    from eggroll_rl.rollout import derive_seed
-
     if not preset.eval.screen_episodes or target is None:
         return True, 0
-    seed = derive_seed(_SCREEN_SEED_DOMAIN, preset.trainer.seed, trainer.generation)
+    seed = _episodes_seed(_SCREEN_SEED_DOMAIN, preset.trainer.seed, trainer.generation)
     screen = _evaluate_center(trainer, preset, episodes=preset.eval.screen_episodes, seed=seed)
     return clears_target(screen.mean, screen.std, preset, target), int(screen.lengths.sum())
 
 
-def _eval_seed(seed: int, generation: int) -> int:
+def _episodes_seed(domain: int, seed: int, generation: int) -> int:
+    """Return the episode seed of ``domain`` (evaluation, screen, confirmation, report) at ``generation``."""
     from eggroll_rl.rollout import derive_seed
 
-    return derive_seed(_EVAL_SEED_DOMAIN, seed, generation)
-
-
-def _confirm_seed(seed: int, generation: int) -> int:
-    from eggroll_rl.rollout import derive_seed
-
-    return derive_seed(_CONFIRM_SEED_DOMAIN, seed, generation)
-
-
-def _report_seed(seed: int, generation: int) -> int:
-    from eggroll_rl.rollout import derive_seed
-
-    return derive_seed(_REPORT_SEED_DOMAIN, seed, generation)
+    return derive_seed(domain, seed, generation)
 
 
 def _evaluate_center(
@@ -502,6 +489,8 @@ def _evaluate_center(
 ) -> Any:
     from eggroll_rl.rollout import evaluate
 
+    if seed is None:
+        seed = _episodes_seed(_EVAL_SEED_DOMAIN, preset.trainer.seed, trainer.generation)
     policy = trainer.get_center_model()
     policy.eval()
     # The run's one episode cap (rollout.max_episode_steps, else the env's own limit), never the
@@ -510,7 +499,7 @@ def _evaluate_center(
         policy,
         preset.env_id,
         episodes=preset.eval.episodes if episodes is None else episodes,
-        seed=_eval_seed(preset.trainer.seed, trainer.generation) if seed is None else seed,
+        seed=seed,
         max_episode_steps=preset.rollout.max_episode_steps,
         backend=preset.rollout.backend,
         env_kwargs=preset.env_kwargs,
@@ -619,7 +608,7 @@ def train(
         )
 
     last_eval: tuple[int, Any] | None = None  # (generation, EvalResult) of the latest evaluation
-    confirmed: tuple[float, float] | None = None  # (mean, std) of the latest confirmation (eval.confirm)
+    confirmed: tuple[float, float] | None = None  # (mean, std) of the confirmation a target stop passed
     stopped = "generations"
     elapsed = elapsed_before
     t_start = time.perf_counter()
@@ -678,12 +667,13 @@ def train(
                     stops = _stops(result, preset, target)
                     if stops and preset.eval.confirm:
                         # Every rank plays its share, as for the evaluation itself.
-                        confirm_seed = _confirm_seed(preset.trainer.seed, gen)
+                        confirm_seed = _episodes_seed(_CONFIRM_SEED_DOMAIN, preset.trainer.seed, gen)
                         confirmation = _evaluate_center(trainer, preset, seed=confirm_seed)
                         eval_steps += int(confirmation.lengths.sum())
-                        confirmed = (confirmation.mean, confirmation.std)
                         stops = clears_target(confirmation.mean, confirmation.std, preset, target)
-                        if not stops:
+                        if stops:
+                            confirmed = (confirmation.mean, confirmation.std)
+                        else:
                             say(
                                 f"gen {gen}: the evaluation cleared the target ({result.mean:.2f}), its "
                                 f"confirmation on fresh episodes did not ({confirmation.mean:.2f} +/- "
@@ -733,13 +723,13 @@ def train(
             final_eval = (
                 last_eval[1] if last_eval is not None and last_eval[0] == trainer.generation else None
             )
-            eval_seed = _eval_seed(preset.trainer.seed, trainer.generation)
+            eval_seed = _episodes_seed(_EVAL_SEED_DOMAIN, preset.trainer.seed, trainer.generation)
             stop_eval = None
             if stopped == "target":
                 # The stopping evaluation is the first of many tries to pass: chosen for passing,
                 # its mean overstates the center's. The agent is scored on fresh episodes instead.
                 stop_eval, final_eval = final_eval, None
-                eval_seed = _report_seed(preset.trainer.seed, trainer.generation)
+                eval_seed = _episodes_seed(_REPORT_SEED_DOMAIN, preset.trainer.seed, trainer.generation)
                 confirm = "" if confirmed is None else f"; confirmed: {confirmed[0]:.2f} on fresh episodes"
                 say(
                     f"Target reached ({stop_eval.mean:.2f}{confirm}); scoring the agent on "
@@ -765,7 +755,7 @@ def train(
                 notes,
                 eval_seed,
                 stop_eval,
-                confirmed if stopped == "target" else None,
+                confirmed,
             )
     except KeyboardInterrupt as exc:
         last = _checkpoint_generation(ckpt_file)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -310,29 +311,40 @@ def test_screen_runs_the_full_evaluation_only_when_a_few_episodes_reach_the_targ
     assert result.results["solved"] is (target == 40.0)
 
 
+def _script_evaluations(monkeypatch: pytest.MonkeyPatch, returns: list[Any]) -> list[int]:
+    """Make the k-th evaluation play its episodes but report ``returns[k]`` (a list, or one value each).
+
+    Returns the list that the evaluations' seeds are appended to, in call order.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from eggroll_rl import rollout
+
+    real, seeds = rollout.evaluate, []
+
+    def scripted(policy, env_id, *, episodes, seed, **kwargs):
+        scripted_returns = np.broadcast_to(np.asarray(returns[len(seeds)], dtype=float), (episodes,))
+        seeds.append(seed)
+        played = real(policy, env_id, episodes=episodes, seed=seed, **kwargs)
+        mean, std = float(scripted_returns.mean()), float(scripted_returns.std())
+        return dataclasses.replace(played, returns=scripted_returns.copy(), mean=mean, std=std)
+
+    monkeypatch.setattr(rollout, "evaluate", scripted)
+    return seeds
+
+
 @pytest.mark.parametrize("fresh", [40.0, 39.0])
 def test_a_target_stop_is_scored_on_fresh_episodes_that_decided_nothing(
     fresh: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The stopping evaluation passed as the first of many tries; the agent's score is a new one."""
-    import dataclasses
-
-    import numpy as np
-
     from eggroll_rl import cli as cli_module
-    from eggroll_rl import rollout
     from eggroll_rl.presets import Preset, apply_overrides
-    from eggroll_rl.run import _eval_seed, _report_seed, train
+    from eggroll_rl.run import _EVAL_SEED_DOMAIN, _REPORT_SEED_DOMAIN, _episodes_seed, train
 
-    real, seeds = rollout.evaluate, []
-
-    def scripted(policy, env_id, *, episodes, seed, **kwargs):
-        seeds.append(seed)
-        played = real(policy, env_id, episodes=episodes, seed=seed, **kwargs)
-        value = 40.0 if len(seeds) == 1 else fresh  # the first evaluation passes, then `fresh`
-        return dataclasses.replace(played, returns=np.full(episodes, value), mean=value, std=0.0)
-
-    monkeypatch.setattr(rollout, "evaluate", scripted)
+    seeds = _script_evaluations(monkeypatch, [40.0, fresh])  # the first evaluation passes, then `fresh`
     preset = apply_overrides(
         Preset(_limited_env(), target=40.0),
         ["population=4", "generations=5", "eval.every=2", "eval.episodes=2", "hidden_sizes=4", "seed=3"],
@@ -340,7 +352,8 @@ def test_a_target_stop_is_scored_on_fresh_episodes_that_decided_nothing(
     result = train(preset, tmp_path / "runs")
     r = result.results
     assert result.stopped == r["stopped"] == "target" and result.generations == 2
-    assert seeds == [_eval_seed(3, 2), _report_seed(3, 2)] and r["eval_seed"] == _report_seed(3, 2)
+    report = _episodes_seed(_REPORT_SEED_DOMAIN, 3, 2)
+    assert seeds == [_episodes_seed(_EVAL_SEED_DOMAIN, 3, 2), report] and r["eval_seed"] == report
     assert (r["mean"], r["solved"]) == (fresh, fresh == 40.0)
     assert (r["stop_eval_mean"], r["stop_eval_std"]) == (40.0, 0.0)
     assert r["eval_env_steps"] == 2 * 2 * 40  # both evaluations, 2 episodes of 40 steps each
@@ -357,26 +370,10 @@ def test_a_stop_margin_needs_the_lower_confidence_bound_to_clear_the_target(
     margin: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """mean 41, std 2 over 4 episodes: standard error 1, bound 41 - 2 = 39 < 40; mean 43: 41 >= 40."""
-    import dataclasses
-
-    import numpy as np
-
-    from eggroll_rl import rollout
     from eggroll_rl.presets import Preset, apply_overrides
     from eggroll_rl.run import train
 
-    real, calls = rollout.evaluate, []
-    scripted_returns = [[39.0, 39.0, 43.0, 43.0], [41.0, 41.0, 45.0, 45.0], [44.0] * 4]
-
-    def scripted(policy, env_id, *, episodes, seed, **kwargs):
-        played = real(policy, env_id, episodes=episodes, seed=seed, **kwargs)
-        returns = np.array(scripted_returns[len(calls)])
-        calls.append(returns)
-        return dataclasses.replace(
-            played, returns=returns, mean=float(returns.mean()), std=float(returns.std())
-        )
-
-    monkeypatch.setattr(rollout, "evaluate", scripted)
+    _script_evaluations(monkeypatch, [[39.0, 39.0, 43.0, 43.0], [41.0, 41.0, 45.0, 45.0], 44.0])
     preset = apply_overrides(
         Preset(_limited_env(), target=40.0),
         [
@@ -398,24 +395,11 @@ def test_a_confirmation_on_fresh_episodes_must_clear_the_target_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Gen 1 passes (41) but its confirmation fails (39): training goes on; gen 2 passes twice."""
-    import dataclasses
-
-    import numpy as np
-
-    from eggroll_rl import rollout
+    from eggroll_rl import run
     from eggroll_rl.presets import Preset, apply_overrides
-    from eggroll_rl.run import _confirm_seed, _eval_seed, _report_seed, train
 
-    real, seeds = rollout.evaluate, []
-    means = [41.0, 39.0, 43.0, 42.0, 40.5]  # eval, confirmation, eval, confirmation, the agent's score
-
-    def scripted(policy, env_id, *, episodes, seed, **kwargs):
-        value = means[len(seeds)]
-        seeds.append(seed)
-        played = real(policy, env_id, episodes=episodes, seed=seed, **kwargs)
-        return dataclasses.replace(played, returns=np.full(episodes, value), mean=value, std=0.0)
-
-    monkeypatch.setattr(rollout, "evaluate", scripted)
+    # eval, confirmation, eval, confirmation, the agent's score
+    seeds = _script_evaluations(monkeypatch, [41.0, 39.0, 43.0, 42.0, 40.5])
     preset = apply_overrides(
         Preset(_limited_env(), target=40.0),
         [
@@ -428,11 +412,12 @@ def test_a_confirmation_on_fresh_episodes_must_clear_the_target_too(
             "eval.confirm=true",
         ],
     )
-    result = train(preset, tmp_path / "runs")
+    result = run.train(preset, tmp_path / "runs")
     r = result.results
     assert result.stopped == "target" and result.generations == 2
-    confirm, report = (_confirm_seed(3, g) for g in (1, 2)), _report_seed(3, 2)
-    assert seeds == [_eval_seed(3, 1), next(confirm), _eval_seed(3, 2), next(confirm), report]
+    evaluation, confirm, report = run._EVAL_SEED_DOMAIN, run._CONFIRM_SEED_DOMAIN, run._REPORT_SEED_DOMAIN
+    expected = [(evaluation, 1), (confirm, 1), (evaluation, 2), (confirm, 2), (report, 2)]
+    assert seeds == [run._episodes_seed(domain, 3, gen) for domain, gen in expected]
     assert len(set(seeds)) == 5  # every evaluation plays episodes of its own
     assert (r["stop_eval_mean"], r["confirm_eval_mean"], r["mean"]) == (43.0, 42.0, 40.5)
     assert r["eval_env_steps"] == 5 * 2 * 40  # five evaluations of 2 episodes, 40 steps each
